@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make run` and `make test` (each sets everything up first).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedemu-installed
+# Outer bound for each MPI test session: a hang becomes a failure, never a stuck CI.
+MPI_TEST_TIMEOUT ?= 900
+
+.PHONY: run test test-unit test-mpi test-slow bench lint clean
+
+$(STAMP): pyproject.toml setup.cfg
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[mpich,dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/fedemu run examples/quickstart.toml --ranks 3
+
+test: test-unit test-mpi
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# The MPI suite asserts on values gathered across ranks, at 1 and at 4 ranks.
+test-mpi: $(STAMP)
+	timeout $(MPI_TEST_TIMEOUT) $(BIN)/mpiexec -n 1 $(BIN)/python -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi
+	timeout $(MPI_TEST_TIMEOUT) $(BIN)/mpiexec -n 4 $(BIN)/python -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q --runslow -m slow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/overhead.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs .pytest_cache

@@ -1,0 +1,7 @@
+"""``python -m emulator`` (and ``python -m mpi4py -m emulator`` under mpiexec)."""
+
+import sys
+
+from emulator.cli import main
+
+sys.exit(main())

@@ -1,0 +1,147 @@
+"""``fedemu`` / ``python -m emulator``: run and validate emulations.
+
+``fedemu run CONFIG --ranks N`` re-launches itself under ``mpiexec -n N python -m mpi4py``;
+inside a launcher (or with N = 1) it runs on the ranks it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from emulator.errors import UserError
+
+if TYPE_CHECKING:
+    from emulator.config import Config
+    from emulator.roles.server import RunSummary
+
+EXAMPLE = "examples/quickstart.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedemu", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", nargs="?", help="TOML config file (default: the embedded defaults)")
+        p.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config key, e.g. --set rounds=5 --set data.partition.alpha=0.1",
+        )
+
+    run = sub.add_parser("run", help="run an emulation and print its summary")
+    config_args(run)
+    run.add_argument("--ranks", type=int, default=None, help="MPI ranks to launch (rank 0 is the server)")
+    validate = sub.add_parser("validate", help="check a config (and its data files) without running it")
+    config_args(validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            return _validate(args)
+        return _run(args)
+    except UserError as err:
+        _error(str(err))
+        return UserError.EXIT_CODE
+
+
+def _error(message: str) -> None:
+    # Under MPI every rank sees the same bad input; one line from rank 0 is enough.
+    if os.environ.get("PMI_RANK", "0") in ("0", "") and os.environ.get("OMPI_COMM_WORLD_RANK", "0") == "0":
+        print(f"fedemu: error: {message}", file=sys.stderr, flush=True)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from emulator.config import load_config
+    from emulator.data import check_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    check_dataset(cfg.data.dataset, root=Path(cfg.data.root))
+    print(f"{args.config or '<defaults>'}: ok ({cfg.algorithm} on {cfg.data.dataset}, {cfg.rounds} rounds)")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from emulator.comm import launched_under_mpi, make_comm
+    from emulator.config import load_config
+
+    if args.ranks is not None and args.ranks < 1:
+        raise UserError(f"--ranks = {args.ranks}: must be >= 1")
+    cfg = load_config(args.config, args.overrides)
+    if args.ranks and args.ranks > 1 and not launched_under_mpi():
+        return _launch(args)
+
+    from emulator.runner import run
+
+    comm = make_comm()
+    if args.ranks and args.ranks != comm.size:
+        raise UserError(f"--ranks = {args.ranks} but the launcher started {comm.size} ranks")
+    summary = run(cfg, comm)
+    if summary is not None:
+        print(format_summary(cfg, summary), flush=True)
+    return 0
+
+
+def find_mpiexec() -> str:
+    beside = Path(sys.executable).parent / "mpiexec"
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if not found:
+        raise UserError(
+            "--ranks > 1 needs mpiexec: pip install 'fedemu[mpich]' (or load your site MPI module)"
+        )
+    return found
+
+
+def _launch(args: argparse.Namespace) -> int:
+    cmd = [find_mpiexec(), "-n", str(args.ranks), sys.executable, "-m", "mpi4py", "-m", "emulator", "run"]
+    if args.config:
+        cmd.append(args.config)
+    for item in args.overrides:
+        cmd += ["--set", item]
+    return subprocess.call(cmd)
+
+
+def format_summary(cfg: Config, summary: RunSummary) -> str:
+    """A small table: the evaluated rounds (at most 12 of them) and the totals."""
+    rows = summary.rounds
+    evaluated = [r for r in rows if not math.isnan(float(r["test_accuracy"]))]
+    if len(evaluated) > 12:
+        step = math.ceil(len(evaluated) / 11)
+        evaluated = [*evaluated[::step][:11], evaluated[-1]]
+    lines = [
+        f"{'round':>6} {'clients':>8} {'train_loss':>11} {'test_acc':>9} {'test_loss':>10} {'time_s':>8}"
+    ]
+    for r in evaluated:
+        lines.append(
+            f"{int(r['round']) + 1:>6} {int(r['num_ok']):>8} {float(r['train_loss']):>11.4f} "
+            f"{float(r['test_accuracy']):>9.4f} {float(r['test_loss']):>10.4f} {float(r['wall_time_s']):>8.2f}"
+        )
+    accs = [float(r["test_accuracy"]) for r in evaluated]
+    down = float(rows["bytes_down"].sum()) / 1e6
+    up = float(rows["bytes_up"].sum()) / 1e6
+    head = (
+        f"fedemu: {cfg.name}: {cfg.algorithm} on {cfg.data.dataset}, {len(rows)} rounds, "
+        f"{cfg.clients_per_round} of {cfg.data.partition.num_clients} clients per round, "
+        f"{summary.ranks} rank(s)"
+    )
+    tail = [
+        f"final test accuracy {accs[-1]:.4f} (best {max(accs):.4f})" if accs else "no evaluation",
+        f"wall time {summary.wall_time_s:.2f} s, trace writing {summary.trace_write_s:.3f} s; "
+        f"traffic down {down:.2f} MB, up {up:.2f} MB",
+        f"trace: {summary.trace_path}",
+    ]
+    return "\n".join([head, *lines, *tail])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

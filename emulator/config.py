@@ -1,0 +1,280 @@
+"""Run configuration: frozen dataclasses, loaded from TOML, overridable with ``--set``.
+
+Every field carries its allowed range in its metadata; a value outside it raises a
+one-line :class:`ConfigError` naming the dotted key, the value and the range. The
+resolved config is written back as TOML into the trace, so a run can be repeated
+from its trace alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from emulator.errors import ConfigError, UserError
+from emulator.registry import did_you_mean
+
+
+def _opt(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    choices: Sequence[str] | None = None,
+    doc: str = "",
+) -> Any:
+    """A config field with its allowed range kept next to its default."""
+    meta = {"ge": ge, "gt": gt, "le": le, "choices": tuple(choices) if choices else None, "doc": doc}
+    return field(default=default, metadata=meta)
+
+
+def _allowed(meta: Mapping[str, Any]) -> str:
+    if meta.get("choices"):
+        return "allowed: " + ", ".join(meta["choices"])
+    lo = "[" + str(meta["ge"]) if meta.get("ge") is not None else (
+        "(" + str(meta["gt"]) if meta.get("gt") is not None else "(-inf"
+    )
+    hi = str(meta["le"]) + "]" if meta.get("le") is not None else "inf)"
+    return f"allowed range {lo}, {hi}"
+
+
+class _Section:
+    """Validates each field's type and range when a dataclass is constructed."""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            kind = hints[f.name]
+            if dataclasses.is_dataclass(kind):
+                if not isinstance(value, kind):
+                    raise ConfigError(f.name, value, f"must be a table [{f.name}]")
+                continue
+            value = _check_type(f.name, value, kind)
+            object.__setattr__(self, f.name, value)
+            meta = f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f.name, value, _allowed(meta))
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f.name, value, "must be a finite number")
+                bad = (
+                    (meta.get("ge") is not None and value < meta["ge"])
+                    or (meta.get("gt") is not None and value <= meta["gt"])
+                    or (meta.get("le") is not None and value > meta["le"])
+                )
+                if bad:
+                    raise ConfigError(f.name, value, _allowed(meta))
+
+
+def _check_type(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "must be true or false")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, value, "must be an integer")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "must be a number")
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, "must be a string")
+    return value
+
+
+@dataclass(frozen=True)
+class PartitionConfig(_Section):
+    name: str = _opt("dirichlet", doc="partitioner: iid, dirichlet, shards, quantity")
+    num_clients: int = _opt(100, ge=1, le=10_000_000, doc="registered (virtual) clients")
+    alpha: float = _opt(0.5, gt=0.0, doc="Dirichlet concentration (dirichlet, quantity)")
+    shards_per_client: int = _opt(2, ge=1, doc="label-sorted shards per client (shards)")
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    dataset: str = _opt("digits", doc="synthetic, digits, cifar10, cifar100, mnist, ...")
+    root: str = _opt("data", doc="folder holding on-disk datasets; nothing is downloaded")
+    image_size: int = _opt(0, ge=0, le=1024, doc="resize to this side; 0 = native size")
+    num_classes: int = _opt(10, ge=2, le=100_000, doc="synthetic only")
+    num_samples: int = _opt(6000, ge=2, doc="synthetic only: train + test samples")
+    channels: int = _opt(3, ge=1, le=4, doc="synthetic only")
+    test_fraction: float = _opt(0.2, gt=0.0, le=0.9, doc="held-out share where no split exists")
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    name: str = _opt("tiny_cnn", doc="a fedemu tiny model or any timm model name")
+    pretrained: bool = _opt(False, doc="load pre-trained weights (timm); needs checkpoint offline")
+    checkpoint: str = _opt("", doc="local weights file for pretrained=true (no hub access)")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    local_epochs: int = _opt(1, ge=1, le=1000)
+    batch_size: int = _opt(32, ge=1, le=65536)
+    lr: float = _opt(0.05, gt=0.0, le=10.0)
+    momentum: float = _opt(0.9, ge=0.0, le=0.999)
+    weight_decay: float = _opt(0.0, ge=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class OutputConfig(_Section):
+    dir: str = _opt("runs", doc="folder for traces when output.trace is empty")
+    trace: str = _opt("", doc="trace path; empty = <dir>/<name>-<time>.h5")
+    overwrite: bool = _opt(False, doc="replace an existing trace at output.trace")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(_Section):
+    threads: int = _opt(0, ge=0, le=1024, doc="torch threads per rank; 0 = cores / ranks on node")
+    progress: str = _opt("auto", choices=("auto", "bar", "lines", "none"))
+    eval_batch_size: int = _opt(512, ge=1, le=65536)
+
+
+@dataclass(frozen=True)
+class Config(_Section):
+    name: str = _opt("run", doc="run name, used in the trace file name")
+    seed: int = _opt(0, ge=0, le=2**63 - 1)
+    rounds: int = _opt(10, ge=1, le=10_000_000)
+    clients_per_round: int = _opt(10, ge=1)
+    eval_every: int = _opt(1, ge=1, doc="evaluate every N rounds (and always the last)")
+    algorithm: str = _opt("fedavg")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n = self.data.partition.num_clients
+        if self.clients_per_round > n:
+            raise ConfigError(
+                "clients_per_round", self.clients_per_round,
+                f"must be <= data.partition.num_clients = {n}",
+            )
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    """Construct ``cls`` from a TOML table, naming the full dotted key in any error."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(prefix or "<root>", values, "must be a table")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise UserError(f"{path}: unknown config key; {did_you_mean(key, names)}")
+        kind = hints[key]
+        kwargs[key] = _build(kind, value, path) if dataclasses.is_dataclass(kind) else value
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise err.with_prefix(prefix) from None
+
+
+def config_from_dict(values: Mapping[str, Any]) -> Config:
+    return _build(Config, values, "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (["a", "b", "c"], value); the value is read as TOML, else as a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. --set rounds=5")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # bare words (synthetic, runs/x.h5) need no quotes
+    return key.split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        table = values
+        for part in parts[:-1]:
+            child = table.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {text!r}: {part!r} is a value, not a table")
+            table = child
+        table[parts[-1]] = value
+    return values
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"config file {str(path)!r} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {str(path)!r} is a directory; give a .toml file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"config file {str(path)!r}: invalid TOML: {err}") from None
+
+
+def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML file (None = the embedded defaults), apply ``--set`` overrides, validate."""
+    values = read_toml(Path(path)) if path is not None else {}
+    cfg = config_from_dict(apply_overrides(values, overrides))
+    check_plugins(cfg)
+    return cfg
+
+
+def check_plugins(cfg: Config) -> None:
+    """Names of plugins must exist in their registries (imports kept lazy: timm is slow)."""
+    from emulator.algorithms import ALGORITHMS
+    from emulator.data import DATASETS, PARTITIONERS
+    from emulator.models import check_model_name
+
+    ALGORITHMS.get(cfg.algorithm, key="algorithm")
+    DATASETS.get(cfg.data.dataset, key="data.dataset")
+    PARTITIONERS.get(cfg.data.partition.name, key="data.partition.name")
+    check_model_name(cfg.model.name, key="model.name")
+    if cfg.model.pretrained and cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
+        raise ConfigError("model.checkpoint", cfg.model.checkpoint, "file not found")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML text (top-level scalars first, then tables)."""
+    lines: list[str] = []
+    _emit_table(to_dict(cfg), [], lines)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _emit_table(values: Mapping[str, Any], path: list[str], lines: list[str]) -> None:
+    scalars = {k: v for k, v in values.items() if not isinstance(v, Mapping)}
+    tables = {k: v for k, v in values.items() if isinstance(v, Mapping)}
+    if path:
+        lines.append(f"\n[{'.'.join(path)}]")
+    for key, value in scalars.items():
+        lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in tables.items():
+        _emit_table(value, [*path, key], lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    raise TypeError(f"cannot write {value!r} as TOML")

@@ -1,0 +1,42 @@
+"""Shared pytest setup: opt-in slow tests; tests/mpi only runs under an MPI launcher."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from emulator.comm import launched_under_mpi
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# tests/mpi runs under `mpiexec -n K python -m mpi4py -m pytest tests/mpi` (see the Makefile).
+collect_ignore = [] if launched_under_mpi() else ["mpi"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="run slow end-to-end tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: opt in with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def fedemu_env() -> dict[str, str]:
+    """Environment for child processes: the repo importable, one thread each (2-core CI)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def mpiexec() -> str:
+    return str(BIN / "mpiexec")
