@@ -234,8 +234,8 @@ class MPIComm:
 
     # -- facts for the trace -----------------------------------------------------
     def hosts(self) -> list[str]:
-        names = self._comm.allgather(socket.gethostname())
-        return sorted(set(names))
+        # Collective: every rank must call it. One entry per rank, in rank order.
+        return self._comm.allgather(socket.gethostname())
 
     def library(self) -> str:
         return self._MPI.Get_library_version().strip().splitlines()[0]
