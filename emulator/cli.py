@@ -61,23 +61,33 @@ def _error(message: str) -> None:
         print(f"fedemu: error: {message}", file=sys.stderr, flush=True)
 
 
-def _validate(args: argparse.Namespace) -> int:
+def _load_checked(args: argparse.Namespace) -> Config:
+    """The validated config, its data files checked: all before MPI starts or a file is written."""
     from emulator.config import load_config
     from emulator.data import check_dataset
 
     cfg = load_config(args.config, args.overrides)
     check_dataset(cfg.data.dataset, root=Path(cfg.data.root))
+    trace = Path(cfg.output.trace) if cfg.output.trace else None
+    if trace is not None and trace.exists() and not cfg.output.overwrite:
+        raise UserError(
+            f"trace file {trace} already exists; pass --set output.overwrite=true or choose another output.trace"
+        )
+    return cfg
+
+
+def _validate(args: argparse.Namespace) -> int:
+    cfg = _load_checked(args)
     print(f"{args.config or '<defaults>'}: ok ({cfg.algorithm} on {cfg.data.dataset}, {cfg.rounds} rounds)")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     from emulator.comm import launched_under_mpi, make_comm
-    from emulator.config import load_config
 
     if args.ranks is not None and args.ranks < 1:
         raise UserError(f"--ranks = {args.ranks}: must be >= 1")
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_checked(args)
     if args.ranks and args.ranks > 1 and not launched_under_mpi():
         return _launch(args)
 

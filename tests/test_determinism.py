@@ -29,10 +29,10 @@ def _run(ranks: int, trace: Path) -> None:
     args = ["-m", "emulator", "run", str(REPO / "examples" / "quickstart.toml")]
     for s in [*SETTINGS, f"output.trace={trace}"]:
         args += ["--set", s]
-    if ranks == 1:
-        cmd = [sys.executable, *args]
-    else:
+    if ranks == 4:  # launched by hand, as a cluster user would
         cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", *args]
+    else:  # no launcher at 1 rank; `--ranks 2` re-launches itself under mpiexec
+        cmd = [sys.executable, *args, "--ranks", str(ranks)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=fedemu_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
