@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emulator import seeding  # noqa: E402
-from emulator.comm import SingleComm  # noqa: E402
-from emulator.config import Config, load_config  # noqa: E402
-from emulator.roles.plan import sample_cohort  # noqa: E402
-from emulator.runner import build_model, load_data, make_shards, run  # noqa: E402
+from emulator import seeding
+from emulator.comm import SingleComm
+from emulator.config import Config, load_config
+from emulator.roles.plan import sample_cohort
+from emulator.runner import build_model, load_data, make_shards, run
 
 
 def workload(rounds: int, trace: Path) -> Config:

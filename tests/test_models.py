@@ -39,7 +39,7 @@ def test_timm_pretrained_from_a_local_file(tmp_path: Path) -> None:
 
 
 def test_pretrained_without_a_local_file_is_a_clear_error() -> None:
-    with pytest.raises(UserError, match="set model.checkpoint to a local weights file"):
+    with pytest.raises(UserError, match=r"set model\.checkpoint to a local weights file"):
         create_model("resnet18", num_classes=4, in_chans=3, image_size=32, pretrained=True)
     with pytest.raises(UserError, match="no pre-trained weights"):
         create_model("tiny_cnn", num_classes=4, in_chans=3, image_size=32, pretrained=True)
