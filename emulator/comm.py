@@ -131,18 +131,21 @@ class MPIComm:
 
     # -- pickled control messages --------------------------------------------------
     def bcast(self, obj: Any, root: int = 0) -> Any:
+        return self._bcast_object(self._comm, obj, root)
+
+    def _bcast_object(self, comm: Any, obj: Any, root: int) -> Any:
+        """Pickle through two polite buffer broadcasts (length, then bytes)."""
         import pickle
 
-        if self.rank == root:
-            payload = np.frombuffer(pickle.dumps(obj, protocol=5), dtype=np.uint8)
-            size = np.array([payload.size], dtype=np.int64)
-        else:
-            size = np.zeros(1, dtype=np.int64)
-        self._wait(self._comm.Ibcast(size, root=root))
-        if self.rank != root:
+        mine = comm.Get_rank() == root
+        payload = np.frombuffer(pickle.dumps(obj, protocol=5), dtype=np.uint8) if mine else None
+        size = np.array([payload.size if mine else 0], dtype=np.int64)
+        self._wait(comm.Ibcast(size, root=root))
+        if not mine:
             payload = np.empty(int(size[0]), dtype=np.uint8)
-        self.Bcast(payload, root=root)
-        return obj if self.rank == root else pickle.loads(payload.tobytes())
+        for start in range(0, max(payload.size, 1), CHUNK_BYTES):
+            self._wait(comm.Ibcast(payload[start : start + CHUNK_BYTES], root=root))
+        return obj if mine else pickle.loads(payload.tobytes())
 
     def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
         self._wait(self._comm.Ibarrier())
@@ -200,22 +203,22 @@ class MPIComm:
         """
         MPI = self._MPI
         leader = self.node_rank == 0
-        obj = make() if leader else None
-        if leader and not dataclasses.is_dataclass(obj):
-            raise TypeError("node_share needs a dataclass")
-        # An exception on the leader must not leave the others waiting: share the outcome.
+        message = None
         arrays: dict[str, np.ndarray] = {}
-        meta = None
         if leader:
-            for f in dataclasses.fields(obj):  # type: ignore[arg-type]
-                value = getattr(obj, f.name)
-                if isinstance(value, np.ndarray):
-                    arrays[f.name] = value
-            meta = (obj, {k: (v.shape, v.dtype.str) for k, v in arrays.items()})
-            # Send the small parts only: replace arrays by empty placeholders.
+            obj = make()
+            if not dataclasses.is_dataclass(obj):
+                raise TypeError("node_share needs a dataclass")
+            arrays = {
+                f.name: getattr(obj, f.name)
+                for f in dataclasses.fields(obj)
+                if isinstance(getattr(obj, f.name), np.ndarray)
+            }
+            # Pickle only the small parts: arrays travel through shared memory instead.
             small = dataclasses.replace(obj, **{k: np.empty(0, v.dtype) for k, v in arrays.items()})
-            meta = (small, meta[1])
-        small, shapes = self._node.bcast(meta, root=0)
+            message = (small, {k: (v.shape, v.dtype.str) for k, v in arrays.items()})
+        # The others sleep-wait while the leader loads (it needs the cores).
+        small, shapes = self._bcast_object(self._node, message, 0)
         shared: dict[str, np.ndarray] = {}
         for name, (shape, dtype) in shapes.items():
             dt = np.dtype(dtype)
@@ -227,7 +230,7 @@ class MPIComm:
             if leader:
                 view[...] = arrays[name]
             shared[name] = view
-        self._node.Barrier()
+        self._wait(self._node.Ibarrier())
         for view in shared.values():
             view.flags.writeable = False
         return dataclasses.replace(small, **shared)
