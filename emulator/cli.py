@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from emulator.errors import UserError
 
 if TYPE_CHECKING:
@@ -41,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ranks", type=int, default=None, help="MPI ranks to launch (rank 0 is the server)")
     validate = sub.add_parser("validate", help="check a config (and its data files) without running it")
     config_args(validate)
+    devices = sub.add_parser("devices", help="print the device catalogue")
+    devices.add_argument("--catalogue", default="builtin", help="'builtin' or a catalogue TOML file")
+    devices.add_argument("--extra", action="append", default=[], help="a TOML file of more devices")
     return parser
 
 
@@ -49,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return _validate(args)
+        if args.command == "devices":
+            return _devices(args)
         return _run(args)
     except UserError as err:
         _error(str(err))
@@ -65,15 +72,24 @@ def _load_checked(args: argparse.Namespace) -> Config:
     """The validated config, its data files checked: all before MPI starts or a file is written."""
     from emulator.config import load_config
     from emulator.data import check_dataset
+    from emulator.devices import check_devices
 
     cfg = load_config(args.config, args.overrides)
     check_dataset(cfg.data.dataset, root=Path(cfg.data.root))
+    check_devices(cfg)
     trace = Path(cfg.output.trace) if cfg.output.trace else None
     if trace is not None and trace.exists() and not cfg.output.overwrite:
         raise UserError(
             f"trace file {trace} already exists; pass --set output.overwrite=true or choose another output.trace"
         )
     return cfg
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from emulator.devices.catalogue import format_table, load_catalogue
+
+    print(format_table(load_catalogue(args.catalogue, extra=args.extra)))
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -129,12 +145,15 @@ def format_summary(cfg: Config, summary: RunSummary) -> str:
         step = math.ceil(len(evaluated) / 11)
         evaluated = [*evaluated[::step][:11], evaluated[-1]]
     lines = [
-        f"{'round':>6} {'clients':>8} {'train_loss':>11} {'test_acc':>9} {'test_loss':>10} {'time_s':>8}"
+        f"{'round':>6} {'ok':>4} {'oom':>4} {'late':>5} {'drop':>5} {'off':>4} {'train_loss':>11} "
+        f"{'test_acc':>9} {'emulated_s':>11} {'energy_J':>10} {'wall_s':>7}"
     ]
     for r in evaluated:
         lines.append(
-            f"{int(r['round']) + 1:>6} {int(r['num_ok']):>8} {float(r['train_loss']):>11.4f} "
-            f"{float(r['test_accuracy']):>9.4f} {float(r['test_loss']):>10.4f} {float(r['wall_time_s']):>8.2f}"
+            f"{int(r['round']) + 1:>6} {int(r['num_ok']):>4} {int(r['num_oom']):>4} {int(r['num_late']):>5} "
+            f"{int(r['num_dropped']):>5} {int(r['num_unavailable']):>4} {float(r['train_loss']):>11.4f} "
+            f"{float(r['test_accuracy']):>9.4f} {float(r['emulated_time_s']):>11.1f} "
+            f"{float(r['energy_j']):>10.1f} {float(r['wall_time_s']):>7.2f}"
         )
     accs = [float(r["test_accuracy"]) for r in evaluated]
     down = float(rows["bytes_down"].sum()) / 1e6
@@ -146,11 +165,18 @@ def format_summary(cfg: Config, summary: RunSummary) -> str:
     )
     tail = [
         f"final test accuracy {accs[-1]:.4f} (best {max(accs):.4f})" if accs else "no evaluation",
+        f"emulated time {float(rows['emulated_time_s'][-1]):.1f} s, "
+        f"client energy {float(rows['energy_j'].sum()):.1f} J (modelled; measured: {_measured(rows)})",
         f"wall time {summary.wall_time_s:.2f} s, trace writing {summary.trace_write_s:.3f} s; "
         f"traffic down {down:.2f} MB, up {up:.2f} MB",
         f"trace: {summary.trace_path}",
     ]
     return "\n".join([head, *lines, *tail])
+
+
+def _measured(rows: np.ndarray) -> str:
+    values = rows["energy_measured_j"]
+    return "no meter" if not np.isfinite(values).any() else f"{float(np.nansum(values)):.1f} J"
 
 
 if __name__ == "__main__":

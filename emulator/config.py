@@ -127,6 +127,22 @@ class TrainConfig(_Section):
 
 
 @dataclass(frozen=True)
+class DevicesConfig(_Section):
+    catalogue: str = _opt("builtin", doc="'builtin' or a catalogue TOML file")
+    extra_catalogue: str = _opt("", doc="a TOML file whose devices are added to the catalogue")
+    mix: str = _opt("uniform", doc="xsmall..xlarge (RaFFM), uniform, homogeneous:<device>, or rpi4:0.5,v100:0.5")
+    jitter: float = _opt(0.1, ge=0.0, le=1.0, doc="per-client lognormal sigma of speed and bandwidth")
+    noise: float = _opt(0.05, ge=0.0, le=1.0, doc="per-round lognormal sigma of a client's compute time")
+    memory_fraction: float = _opt(1.0, gt=0.0, le=1.0, doc="share of a device's memory open to training")
+    availability: bool = _opt(True, doc="sampled clients go offline at their device's rate")
+    frequency: str = _opt("optimizer", choices=("optimizer", "max"), doc="DVFS: energy optimizer or fixed max")
+    throttle: str = _opt("virtual", choices=("virtual", "sleep"), doc="sleep stretches real time to emulated")
+    dilation: float = _opt(1.0, gt=0.0, doc="sleep mode: real time = emulated time / dilation")
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"), doc="where ranks compute")
+    meter_period_s: float = _opt(0.1, ge=0.01, le=60.0, doc="NVML power sampling period")
+
+
+@dataclass(frozen=True)
 class OutputConfig(_Section):
     dir: str = _opt("runs", doc="folder for traces when output.trace is empty")
     trace: str = _opt("", doc="trace path; empty = <dir>/<name>-<time>.h5")
@@ -147,10 +163,13 @@ class Config(_Section):
     rounds: int = _opt(10, ge=1, le=10_000_000)
     clients_per_round: int = _opt(10, ge=1)
     eval_every: int = _opt(1, ge=1, doc="evaluate every N rounds (and always the last)")
+    deadline_s: float = _opt(0.0, ge=0.0, doc="emulated round deadline; 0 = wait for every client")
+    overcommit: float = _opt(1.0, ge=1.0, le=10.0, doc="sample this many times clients_per_round, keep the first")
     algorithm: str = _opt("fedavg")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import sys
@@ -20,10 +21,15 @@ from emulator.batches import BatchMaker
 from emulator.comm import Comm
 from emulator.config import Config, to_toml
 from emulator.data import ArrayDataset, ClientShards, check_dataset, load_dataset, partition
+from emulator.devices.binding import choose_device, gpu_identity, gpu_nvml_index
+from emulator.devices.catalogue import Catalogue, catalogue_text, load_catalogue
+from emulator.devices.nvml import Meter, PowerSampler, shared_gpu_ranks
+from emulator.devices.planner import DevicePlanner, device_table
+from emulator.devices.population import Population, make_population, parse_mix
 from emulator.flat import FlatModel
 from emulator.models import create_model
 from emulator.progress import RoundProgress
-from emulator.records import CLIENT_DTYPE, CLIENT_ROUND_DTYPE
+from emulator.records import CLIENT_DTYPE, CLIENT_ROUND_DTYPE, NVML_SAMPLE_DTYPE
 from emulator.roles.client_group import ClientGroup
 from emulator.roles.plan import worker_ranks
 from emulator.roles.server import RunSummary, Server
@@ -92,11 +98,28 @@ def trace_attrs(cfg: Config, comm: Comm, threads: int) -> dict[str, str | int | 
         "workers": len(worker_ranks(comm.size)),
         "threads_per_rank": threads,
         "hosts": json.dumps(comm.hosts()),
-        "gpus": json.dumps([]),  # device binding arrives with the device-emulation issue
         "seed": cfg.seed,
         "command": " ".join(sys.argv),
         "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def build_population(cfg: Config, catalogue: Catalogue, num_clients: int) -> Population:
+    dev = cfg.devices
+    return make_population(
+        num_clients, mix=parse_mix(dev.mix, catalogue), catalogue=catalogue,
+        rng=seeding.rng(cfg.seed, seeding.STREAM_POPULATION), jitter=dev.jitter,
+    )
+
+
+def clients_table(shards: ClientShards, population: Population) -> np.ndarray:
+    clients = np.zeros(shards.num_clients, dtype=CLIENT_DTYPE)
+    clients["client"] = np.arange(shards.num_clients)
+    clients["num_samples"] = shards.sizes
+    clients["device"] = population.device
+    clients["speed"] = population.speed
+    clients["bandwidth"] = population.bandwidth
+    return clients
 
 
 def run(cfg: Config, comm: Comm) -> RunSummary | None:
@@ -104,41 +127,60 @@ def run(cfg: Config, comm: Comm) -> RunSummary | None:
     started = time.perf_counter()
     threads = threads_per_rank(cfg, comm)
     torch.set_num_threads(threads)
-    # Cheap file checks on every rank first: a missing dataset is a clean error, not a hang.
+    # Cheap checks on every rank first: bad input is a clean error, not a hang.
     check_dataset(cfg.data.dataset, root=Path(cfg.data.root))
+    extra = [cfg.devices.extra_catalogue] if cfg.devices.extra_catalogue else []
+    catalogue = load_catalogue(cfg.devices.catalogue, extra=extra)
+    device = torch.device(choose_device(cfg.devices.device, node_rank=comm.node_rank,
+                                        cuda_count=torch.cuda.device_count()))
     data = comm.node_share(lambda: load_data(cfg))
     shards = make_shards(cfg, data.y_train)
-    model = build_model(cfg, data)
+    model = build_model(cfg, data).to(device)
     flat = FlatModel(model)
-    train_batches = BatchMaker(data.x_train, data.y_train, data.mean, data.std)
-    algorithm = create_algorithm(cfg.algorithm, cfg=cfg, model=model, flat=flat, batches=train_batches)
+    train_batches = BatchMaker(data.x_train, data.y_train, data.mean, data.std, device=device)
+    algorithm = create_algorithm(
+        cfg.algorithm, cfg=cfg, model=model, flat=flat, batches=train_batches, num_classes=data.num_classes
+    )
     global_params = flat.get()
 
     is_server = comm.rank == 0
+    meter = Meter(gpu_nvml_index(str(device)))
+    sampler = PowerSampler(meter, rank=comm.rank, period_s=cfg.devices.meter_period_s)
     group = None
     if comm.rank in worker_ranks(comm.size):
-        group = ClientGroup(rank=comm.rank, seed=cfg.seed, algorithm=algorithm, shards=shards)
-    attrs = trace_attrs(cfg, comm, threads)  # collective (hosts): every rank calls it
+        group = ClientGroup(
+            rank=comm.rank, seed=cfg.seed, algorithm=algorithm, shards=shards, meter=meter, device=device
+        )
+    # Collectives: every rank calls them.
+    attrs = trace_attrs(cfg, comm, threads)
+    gpus = comm.gather(gpu_identity(str(device)))
+    meters = comm.gather(meter.kind)
+    sampling = comm.bcast(any(kind != "none" for kind in meters) if is_server else None)
 
     server = None
     if is_server:
-        sizes = shards.sizes
-        clients = np.zeros(shards.num_clients, dtype=CLIENT_DTYPE)
-        clients["client"] = np.arange(shards.num_clients)
-        clients["num_samples"] = sizes
+        population = build_population(cfg, catalogue, shards.num_clients)
+        attrs.update(
+            gpus=json.dumps(gpus), gpu_sharing=json.dumps(shared_gpu_ranks(gpus)),
+            meter="nvml" if sampling else "none", catalogue=catalogue_text(catalogue), device=str(device),
+        )
         trace = TraceWriter(
-            trace_path(cfg), attrs=attrs, clients=clients,
-            label_counts=shards.label_counts(data.y_train, data.num_classes), overwrite=cfg.output.overwrite,
-            cohort_size=cfg.clients_per_round,
+            trace_path(cfg), attrs=attrs, clients=clients_table(shards, population),
+            label_counts=shards.label_counts(data.y_train, data.num_classes), devices=device_table(catalogue),
+            overwrite=cfg.output.overwrite, cohort_size=math.ceil(cfg.clients_per_round * cfg.overcommit),
         )
         trace.event("start", f"{cfg.algorithm} on {cfg.data.dataset}: {cfg.rounds} rounds, {comm.size} ranks")
+        if not sampling:
+            trace.event("meter", f"no energy meter: {meter.reason or 'no GPU'}; measured columns are NaN")
         server = Server(
             cfg=cfg, size=comm.size, algorithm=algorithm, model=model,
-            test_batches=BatchMaker(data.x_test, data.y_test, data.mean, data.std),
-            client_sizes=sizes, trace=trace, progress=RoundProgress(cfg.rounds, cfg.runtime.progress),
+            test_batches=BatchMaker(data.x_test, data.y_test, data.mean, data.std, device=device),
+            client_sizes=shards.sizes, planner=DevicePlanner(cfg=cfg, catalogue=catalogue, population=population),
+            trace=trace, progress=RoundProgress(cfg.rounds, cfg.runtime.progress),
         )
 
     empty = np.zeros(flat.size + 1, dtype=np.float64)
+    sampler.start()
     try:
         for r in range(cfg.rounds):
             plan = comm.bcast(server.plan(r) if server else None)
@@ -151,14 +193,20 @@ def run(cfg: Config, comm: Comm) -> RunSummary | None:
             comm.Reduce(summed, total)
             gathered = np.empty(len(plan.clients), dtype=CLIENT_ROUND_DTYPE) if is_server else None
             comm.Gatherv(records, gathered, plan.counts(comm.size) if is_server else None)
+            if sampling:
+                samples = gather_rows(comm, sampler.drain(), NVML_SAMPLE_DTYPE)
+                if server is not None:
+                    server.trace.append_nvml(samples)
             if server is not None:
                 global_params = server.finish_round(plan, global_params, total, gathered)
     except BaseException as err:
+        sampler.stop()
         if server is not None:
             server.progress.close()
             server.trace.event("error", f"{type(err).__name__}: {err}", level="error")
             server.trace.close()
         raise
+    sampler.stop()
     if server is None:
         return None
     server.progress.close()
@@ -169,3 +217,11 @@ def run(cfg: Config, comm: Comm) -> RunSummary | None:
         trace_path=str(server.trace.path), rounds=server.all_rounds(), wall_time_s=wall,
         trace_write_s=server.trace.write_seconds, ranks=comm.size,
     )
+
+
+def gather_rows(comm: Comm, rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Variable-length structured rows from every rank onto rank 0 (counts first, then Gatherv)."""
+    counts = comm.gather(len(rows))
+    out = np.empty(sum(counts), dtype=dtype) if counts is not None else None
+    comm.Gatherv(rows, out, counts)
+    return out if out is not None else np.zeros(0, dtype=dtype)

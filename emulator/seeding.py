@@ -14,6 +14,8 @@ STREAM_PARTITION = 0
 STREAM_MODEL_INIT = 1
 STREAM_COHORT = 2
 STREAM_CLIENT = 3
+STREAM_POPULATION = 4
+STREAM_DEVICE = 5
 
 NO_CLIENT = 0  # rounds-level draws use client slot 0 of their own stream
 

@@ -39,9 +39,12 @@ STATIC_CHUNK_BYTES = 1 << 20  # static tables are written once; chunked for comp
 GZIP_LEVEL = 1  # higher levels cost time every round for a few percent of size
 
 EVENT_LEVELS = ("info", "warning", "error")
-GROUPS = ("clients", "rounds", "client_rounds", "events")
+GROUPS = ("clients", "devices", "rounds", "client_rounds", "events", "nvml")
+NVML_CHUNK = 1024
 _TABLE_DTYPES = {
     "clients": records.CLIENT_DTYPE,
+    "devices": records.DEVICE_DTYPE,
+    "nvml": records.NVML_SAMPLE_DTYPE,
     "rounds": records.ROUND_DTYPE,
     "client_rounds": records.CLIENT_ROUND_DTYPE,
     "events": records.EVENT_DTYPE,
@@ -84,6 +87,7 @@ class TraceWriter:
         attrs: Mapping[str, str | int | float | bool],
         clients: np.ndarray,
         label_counts: np.ndarray,
+        devices: np.ndarray | None = None,
         overwrite: bool = False,
         cohort_size: int | None = None,
     ) -> None:
@@ -100,6 +104,9 @@ class TraceWriter:
         # half-written file that the next run would refuse to overwrite.
         clients = _check_table(clients, records.CLIENT_DTYPE, "clients")
         label_counts = self._check_label_counts(label_counts, len(clients))
+        if devices is None:
+            devices = np.zeros(0, dtype=records.DEVICE_DTYPE)
+        devices = _check_table(devices, records.DEVICE_DTYPE, "devices")
         if cohort_size is None:
             cr_chunk = DEFAULT_CLIENT_ROUNDS_CHUNK
         elif isinstance(cohort_size, int | np.integer) and cohort_size >= 1:
@@ -128,7 +135,7 @@ class TraceWriter:
             raise UserError(f"cannot create trace file {self.path}: {reason}") from None
 
         try:
-            self._create_layout(f, attrs, clients, label_counts, cr_chunk)
+            self._create_layout(f, attrs, clients, label_counts, devices, cr_chunk)
             # Flushes the layout and attributes; from here on only appends are allowed.
             f.swmr_mode = True
         except BaseException:
@@ -139,6 +146,7 @@ class TraceWriter:
         self._rounds: h5py.Dataset = f["rounds/table"]
         self._client_rounds: h5py.Dataset = f["client_rounds/table"]
         self._events: h5py.Dataset = f["events/table"]
+        self._nvml: h5py.Dataset = f["nvml/table"]
 
     @staticmethod
     def _check_label_counts(label_counts: np.ndarray, num_clients: int) -> np.ndarray:
@@ -163,6 +171,7 @@ class TraceWriter:
         attrs: Mapping[str, str | int | float | bool],
         clients: np.ndarray,
         label_counts: np.ndarray,
+        devices: np.ndarray,
         client_rounds_chunk: int,
     ) -> None:
         f.attrs["schema_version"] = records.SCHEMA_VERSION
@@ -185,7 +194,10 @@ class TraceWriter:
             chunks=(max(1, min(n, STATIC_CHUNK_BYTES // (4 * k))), k),
             **packing,
         )
+        f.create_group("devices")
+        f.create_dataset("devices/table", data=devices)
         for group, chunk, compress in (
+            ("nvml", NVML_CHUNK, True),
             ("rounds", ROUNDS_CHUNK, False),
             ("client_rounds", client_rounds_chunk, True),
             ("events", EVENTS_CHUNK, True),
@@ -227,6 +239,15 @@ class TraceWriter:
             self._append(self._client_rounds, rows)
         self._append(self._rounds, row)
         self.write_seconds += time.perf_counter() - t0
+
+    def append_nvml(self, samples: np.ndarray) -> None:
+        """Append background NVML samples (``NVML_SAMPLE_DTYPE``); nothing to do when empty."""
+        self._live()
+        rows = _check_table(samples, records.NVML_SAMPLE_DTYPE, "samples")
+        if len(rows):
+            t0 = time.perf_counter()
+            self._append(self._nvml, rows)
+            self.write_seconds += time.perf_counter() - t0
 
     def event(
         self,

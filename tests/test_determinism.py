@@ -55,9 +55,13 @@ def test_one_two_and_four_ranks_agree(tmp_path: Path) -> None:
             assert np.array_equal(rounds[col], base_rounds[col]), col
         for col in ("test_accuracy", "test_loss", "train_loss"):
             np.testing.assert_allclose(rounds[col], base_rounds[col], rtol=RTOL, err_msg=col)
-        for col in ("round", "client", "num_samples", "steps", "status", "bytes_down", "bytes_up"):
+        for col in ("round", "client", "num_samples", "steps", "status", "bytes_down", "bytes_up", "device",
+                    "level", "peak_memory_bytes", "memory_budget_bytes"):
             assert np.array_equal(clients[col], base_clients[col]), col
-        np.testing.assert_allclose(clients["train_loss"], base_clients["train_loss"], rtol=RTOL)
-        # The clients really were spread over the worker ranks (rank 0 only serves).
-        assert set(np.unique(clients["rank"])) == set(range(1, ranks))
-    assert set(np.unique(base_clients["rank"])) == {0}
+        for col in ("train_loss", "flops", "compute_time_s", "comm_time_s", "wait_time_s", "energy_j"):
+            np.testing.assert_allclose(clients[col], base_clients[col], rtol=RTOL, err_msg=col)
+        # The clients that trained really were spread over the worker ranks (rank 0 only serves).
+        ran = clients["status"] == 0
+        assert set(np.unique(clients["rank"][ran])) == set(range(1, ranks))
+        assert (clients["rank"][~ran] == -1).all()
+    assert set(np.unique(base_clients["rank"][base_clients["status"] == 0])) == {0}

@@ -6,13 +6,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from emulator.algorithms.base import Algorithm, ClientResult, ClientTask
+from emulator.algorithms.base import Algorithm, ClientResult, ClientTask, WorkEstimate
 from emulator.algorithms.registry import register_algorithm
 from emulator.records import STATUS_OK
 
 
 @register_algorithm("fedavg")
 class FedAvg(Algorithm):
+    def estimate_work(self, *, num_samples: np.ndarray) -> WorkEstimate:
+        train = self.cfg.train
+        return self.estimate_training(
+            num_samples=num_samples, epochs=train.local_epochs, batch_size=train.batch_size
+        )
+
     def client_update(self, *, global_params: np.ndarray, task: ClientTask) -> ClientResult:
         train = self.cfg.train
         self.flat.set(global_params)

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
+import torch
 
 from emulator import seeding
 from emulator.algorithms import Algorithm, ClientTask
 from emulator.data import ClientShards
-from emulator.records import CLIENT_ROUND_DTYPE, STATUS_OK
+from emulator.devices.memory import CudaMemoryCap
+from emulator.devices.nvml import Meter
+from emulator.records import CLIENT_ROUND_DTYPE, STATUS_OK, STATUS_OOM
 from emulator.roles.plan import RoundPlan
 
 
 class ClientGroup:
-    def __init__(self, *, rank: int, seed: int, algorithm: Algorithm, shards: ClientShards) -> None:
+    def __init__(
+        self, *, rank: int, seed: int, algorithm: Algorithm, shards: ClientShards, meter: Meter,
+        device: torch.device,
+    ) -> None:
         self.rank = rank
         self.seed = seed
         self.algorithm = algorithm
         self.shards = shards
+        self.meter = meter
+        self.device = device
         size = algorithm.flat.size
         # Σ weight·params in float64, with Σ weight in the last slot: one Reduce carries both.
         self.accumulator = np.zeros(size + 1, dtype=np.float64)
@@ -28,11 +37,11 @@ class ClientGroup:
         """(accumulator, per-client records) for this rank's clients of the round."""
         acc = self.accumulator
         acc.fill(0.0)
-        mine = plan.clients_of(self.rank)
-        records = np.zeros(len(mine), dtype=CLIENT_ROUND_DTYPE)
-        payload = self.algorithm.flat.nbytes
-        for i, client in enumerate(mine):
-            client = int(client)
+        positions = plan.positions_of(self.rank)
+        records = np.zeros(len(positions), dtype=CLIENT_ROUND_DTYPE)
+        cuda = self.device.type == "cuda"
+        for i, pos in enumerate(positions.tolist()):
+            client = int(plan.clients[pos])
             task = ClientTask(
                 round=plan.round,
                 client=client,
@@ -40,21 +49,41 @@ class ClientGroup:
                 rng=seeding.rng(self.seed, seeding.STREAM_CLIENT, plan.round, client),
                 torch_seed=seeding.torch_seed(self.seed, seeding.STREAM_CLIENT, plan.round, client),
             )
+            rec = records[i]
+            rec["client"] = client
+            rec["rank"] = self.rank
+            rec["cuda_peak_bytes"] = -1
             start = time.perf_counter()
-            result = self.algorithm.client_update(global_params=global_params, task=task)
-            if result.status == STATUS_OK:
+            cap = (
+                CudaMemoryCap(int(plan.budget_bytes[pos]), self.device)
+                if cuda and plan.budget_bytes is not None else contextlib.nullcontext()
+            )
+            with self.meter.window() as window:
+                try:
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats(self.device)
+                    with cap:
+                        result = self.algorithm.client_update(global_params=global_params, task=task)
+                    status, steps, loss = result.status, result.steps, result.train_loss
+                except torch.cuda.OutOfMemoryError:
+                    # The allocator's hard cap: the client did not fit after all. Not a crash.
+                    status, steps, loss = STATUS_OOM, 0, float("nan")
+                if cuda:
+                    torch.cuda.synchronize(self.device)
+                    rec["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+                if plan.sleep_s is not None:
+                    # Throttle: stretch this client's real time to its emulated time / dilation.
+                    remaining = float(plan.sleep_s[pos]) - (time.perf_counter() - start)
+                    if remaining > 0:
+                        time.sleep(remaining)
+            if status == STATUS_OK:
                 np.multiply(result.params, result.weight, out=self._scratch)
                 acc[:-1] += self._scratch
                 acc[-1] += result.weight
-            rec = records[i]
-            rec["round"] = plan.round
-            rec["client"] = client
-            rec["rank"] = self.rank
-            rec["num_samples"] = len(task.indices)
-            rec["steps"] = result.steps
-            rec["status"] = result.status
-            rec["train_loss"] = result.train_loss
+            rec["steps"] = steps
+            rec["status"] = status
+            rec["train_loss"] = loss
             rec["wall_time_s"] = time.perf_counter() - start
-            rec["bytes_down"] = payload
-            rec["bytes_up"] = payload if result.status == STATUS_OK else 0
+            rec["energy_measured_j"] = window.energy_j
+            rec["meter_short"] = window.flag_short
         return acc, records

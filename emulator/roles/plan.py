@@ -15,11 +15,16 @@ class RoundPlan:
     """Broadcast (pickled, small) from rank 0 at the start of every round."""
 
     round: int
-    clients: np.ndarray  # int64, sorted ascending
+    clients: np.ndarray  # int64, sorted ascending: the clients that train this round
     ranks: np.ndarray  # int32, the rank that runs clients[i]
+    sleep_s: np.ndarray | None = None  # throttle = "sleep": real seconds each client must take
+    budget_bytes: np.ndarray | None = None  # each client's memory budget (the CUDA cap)
 
     def clients_of(self, rank: int) -> np.ndarray:
         return self.clients[self.ranks == rank]
+
+    def positions_of(self, rank: int) -> np.ndarray:
+        return np.flatnonzero(self.ranks == rank)
 
     def counts(self, size: int) -> np.ndarray:
         return np.bincount(self.ranks, minlength=size).astype(np.int64)

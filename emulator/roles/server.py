@@ -12,11 +12,25 @@ from torch import nn
 from emulator.algorithms import Algorithm
 from emulator.batches import BatchMaker
 from emulator.config import Config
+from emulator.devices.accounting import CohortCosts
+from emulator.devices.planner import DevicePlanner
 from emulator.evaluation import evaluate
 from emulator.progress import RoundProgress
-from emulator.records import ROUND_DTYPE, STATUS_OK
+from emulator.records import (
+    CLIENT_ROUND_DTYPE,
+    ROUND_DTYPE,
+    STATUS_DROPPED,
+    STATUS_LATE,
+    STATUS_OK,
+    STATUS_OOM,
+    STATUS_UNAVAILABLE,
+)
 from emulator.roles.plan import RoundPlan, assign_lpt, sample_cohort, worker_ranks
 from emulator.trace import TraceWriter
+
+# Fields the worker that ran a client measured; everything else comes from the plan.
+MEASURED = ("rank", "steps", "status", "train_loss", "wall_time_s", "energy_measured_j", "meter_short",
+            "cuda_peak_bytes")
 
 
 @dataclass
@@ -31,6 +45,17 @@ class RunSummary:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class _Pending:
+    """What rank 0 keeps about the round in flight."""
+
+    cohort: np.ndarray
+    costs: CohortCosts
+    flops: np.ndarray
+    peak_bytes: np.ndarray
+    accounting_s: float
+
+
 class Server:
     def __init__(
         self,
@@ -41,6 +66,7 @@ class Server:
         model: nn.Module,
         test_batches: BatchMaker,
         client_sizes: np.ndarray,
+        planner: DevicePlanner,
         trace: TraceWriter,
         progress: RoundProgress,
     ) -> None:
@@ -53,29 +79,53 @@ class Server:
         # Clients with no data cannot train; they are never sampled.
         self.eligible = np.flatnonzero(client_sizes > 0)
         self.workers = worker_ranks(size)
+        self.planner = planner
         self.trace = trace
         self.progress = progress
         self.rows: list[np.ndarray] = []
+        self.emulated_time_s = 0.0
         self._round_start = 0.0
+        self._pending: _Pending | None = None
 
     def plan(self, round_: int) -> RoundPlan:
+        """Sample the cohort, cost it on its devices, and hand the clients that run to the ranks."""
+        cfg = self.cfg
         self._round_start = time.perf_counter()
-        k = min(self.cfg.clients_per_round, len(self.eligible))
-        clients = sample_cohort(self.cfg.seed, round_, self.eligible, k)
-        # Estimated cost: local sample passes. Later issues scale it by device speed.
-        costs = self.client_sizes[clients].astype(np.float64) * self.cfg.train.local_epochs
-        return RoundPlan(round=round_, clients=clients, ranks=assign_lpt(costs, self.workers))
+        keep = min(cfg.clients_per_round, len(self.eligible))
+        k = min(math.ceil(keep * cfg.overcommit), len(self.eligible))
+        cohort = sample_cohort(cfg.seed, round_, self.eligible, k)
+        t0 = time.perf_counter()
+        work = self.algorithm.estimate_work(num_samples=self.client_sizes[cohort])
+        costs = self.planner.plan(
+            round_, cohort, flops=work.flops, peak_bytes=work.peak_bytes,
+            payload_bytes=self.algorithm.payload_bytes(), keep=keep,
+        )
+        self._pending = _Pending(cohort, costs, work.flops, work.peak_bytes, time.perf_counter() - t0)
+        runs = costs.runs
+        clients = cohort[runs]
+        emulated = (costs.compute_s + costs.comm_s)[runs]
+        sleep = cfg.devices.throttle == "sleep"
+        # Balance real wall time: sample passes, or the stretched emulated time when sleeping.
+        weights = emulated / cfg.devices.dilation if sleep else work.flops[runs]
+        return RoundPlan(
+            round=round_, clients=clients, ranks=assign_lpt(weights, self.workers),
+            sleep_s=(emulated / cfg.devices.dilation) if sleep else None,
+            budget_bytes=costs.budget_bytes[runs],
+        )
 
     def finish_round(self, plan: RoundPlan, global_params: np.ndarray, summed: np.ndarray,
-                     records: np.ndarray) -> np.ndarray:
+                     measured: np.ndarray) -> np.ndarray:
         """Aggregate, evaluate, append the round to the trace; returns the new global state."""
         cfg = self.cfg
+        pending = self._pending
+        assert pending is not None and pending.cohort.size >= plan.clients.size
         new_params = self.algorithm.aggregate(
             global_params=global_params, update_sum=summed[:-1], weight_sum=float(summed[-1])
         )
-        # Ranks return records in rank order; the trace keeps client order, for any rank count.
-        records = records[np.argsort(records["client"], kind="stable")]
-        ok = records["status"] == STATUS_OK
+        records = self._client_records(plan, pending, measured)
+        self.planner.feedback(pending.cohort, pending.costs)
+        status = records["status"]
+        ok = status == STATUS_OK
         n_ok = records["num_samples"][ok].astype(np.float64)
         train_loss = float(np.dot(records["train_loss"][ok], n_ok) / n_ok.sum()) if n_ok.sum() else math.nan
 
@@ -85,21 +135,73 @@ class Server:
             self.algorithm.flat.set(new_params)
             acc, loss = evaluate(self.model, self.test_batches, cfg.runtime.eval_batch_size)
 
+        costs = pending.costs
+        self.emulated_time_s += costs.round_time_s
+        measured_energy = records["energy_measured_j"]
         row = np.zeros(1, dtype=ROUND_DTYPE)
         row["round"] = r
-        row["cohort_size"] = len(plan.clients)
+        row["cohort_size"] = len(pending.cohort)
         row["num_ok"] = int(ok.sum())
+        row["num_oom"] = int((status == STATUS_OOM).sum())
+        row["num_late"] = int((status == STATUS_LATE).sum())
+        row["num_dropped"] = int((status == STATUS_DROPPED).sum())
+        row["num_unavailable"] = int((status == STATUS_UNAVAILABLE).sum())
         row["train_loss"] = train_loss
         row["test_accuracy"] = acc
         row["test_loss"] = loss
         row["bytes_down"] = int(records["bytes_down"].sum())
         row["bytes_up"] = int(records["bytes_up"].sum())
+        row["target_time_s"] = costs.target_s
+        row["round_time_s"] = costs.round_time_s
+        row["emulated_time_s"] = self.emulated_time_s
+        row["energy_j"] = float(records["energy_j"].sum())
+        row["energy_measured_j"] = float(np.nansum(measured_energy)) if np.isfinite(measured_energy).any() else math.nan
+        row["accounting_s"] = pending.accounting_s
         row["wall_time_s"] = time.perf_counter() - self._round_start
         row["unix_time_s"] = time.time()
         self.trace.append_round(row, records)
         self.rows.append(row)
         self.progress.update(r, accuracy=acc, train_loss=train_loss, seconds=float(row["wall_time_s"][0]))
+        self._pending = None
         return new_params
+
+    def _client_records(self, plan: RoundPlan, pending: _Pending, measured: np.ndarray) -> np.ndarray:
+        """The whole cohort's rows: the plan's accounting, plus what the ranks measured."""
+        cohort, costs = pending.cohort, pending.costs
+        records = np.zeros(len(cohort), dtype=CLIENT_ROUND_DTYPE)
+        payload = self.algorithm.payload_bytes()
+        records["round"] = plan.round
+        records["client"] = cohort
+        records["rank"] = -1  # not run by any rank
+        records["num_samples"] = self.client_sizes[cohort]
+        records["status"] = costs.status
+        records["train_loss"] = math.nan
+        records["device"] = self.planner.population.device[cohort]
+        records["level"] = costs.level
+        records["freq_mhz"] = costs.freq_mhz
+        records["flops"] = np.where(costs.level >= 0, pending.flops, 0.0)
+        records["compute_time_s"] = costs.compute_s
+        records["comm_time_s"] = costs.comm_s
+        records["wait_time_s"] = costs.wait_s
+        records["energy_compute_j"] = costs.energy_compute_j
+        records["energy_comm_j"] = costs.energy_comm_j
+        records["energy_idle_j"] = costs.energy_idle_j
+        records["energy_j"] = costs.energy_j
+        records["energy_measured_j"] = math.nan
+        records["peak_memory_bytes"] = pending.peak_bytes
+        records["memory_budget_bytes"] = costs.budget_bytes
+        records["cuda_peak_bytes"] = -1
+        reached = costs.status != STATUS_UNAVAILABLE
+        records["bytes_down"] = np.where(reached, payload, 0)
+        records["bytes_up"] = np.where(costs.status == STATUS_OK, payload, 0)
+        # Ranks answer in rank order; match their rows to the cohort by client id.
+        measured = measured[np.argsort(measured["client"], kind="stable")]
+        where = np.searchsorted(cohort, measured["client"])
+        for name in MEASURED:
+            records[name][where] = measured[name]
+        failed = measured["status"] != STATUS_OK  # e.g. a real CUDA out-of-memory
+        records["bytes_up"][where[failed]] = 0
+        return records
 
     def all_rounds(self) -> np.ndarray:
         return np.concatenate(self.rows) if self.rows else np.zeros(0, dtype=ROUND_DTYPE)
