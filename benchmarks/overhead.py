@@ -3,7 +3,8 @@
 Both sides load the same data, build the same model from the same seed, train the same
 clients on the same batches with the same SGD settings, average by sample count and
 evaluate every round; fedemu adds its config, plan, flat buffers, records, trace and
-progress. Prints a table and writes JSON. Targets (issue 2): ratio <= 1.10, trace share <= 2%.
+progress, and the device accounting (FLOP count, memory measurement, cost model). Prints a table
+and writes JSON. Targets (issue 2): ratio <= 1.10, trace share <= 2%.
 
     .venv/bin/python benchmarks/overhead.py [--rounds 10] [--repeats 3]
 """
@@ -38,6 +39,8 @@ def workload(rounds: int, trace: Path) -> Config:
         "data.partition.num_clients=100", "data.partition.alpha=0.5", "clients_per_round=10",
         f"rounds={rounds}", "train.local_epochs=1", "train.batch_size=32", "train.lr=0.05",
         "model.name=tiny_cnn", "runtime.progress=none", "runtime.threads=2",
+        # Every sampled client trains, as in the bare loop (device accounting still runs).
+        "devices.availability=false",
         f"output.trace={trace}", "output.overwrite=true",
     ])
 

@@ -85,6 +85,12 @@ BAD_INPUTS = [
     (["--set", "rounds"], "expected KEY.PATH=VALUE"),
     (["--set", "data.dataset=cifar10", "--set", "data.root=/nonexistent/cifar"], "/nonexistent/cifar"),
     (["--ranks", "0"], "--ranks = 0"),
+    (["--set", "devices.mix=smal"], "did you mean 'small'"),
+    (["--set", "devices.mix=rpi4:0.5,rpi9:0.5"], "rpi9"),
+    (["--set", "devices.catalogue=/nonexistent/devices.toml"], "/nonexistent/devices.toml"),
+    (["--set", "devices.device=cuda"], "no CUDA device"),
+    (["--set", "devices.throttle=slow"], "devices.throttle = 'slow': allowed: virtual, sleep"),
+    (["--set", "overcommit=0.5"], "overcommit = 0.5"),
 ]
 
 
@@ -109,6 +115,24 @@ def test_cli_missing_and_broken_config_files(tmp_path: Path, capsys: pytest.Capt
     assert main(["validate", str(broken)]) == 2
     err = capsys.readouterr().err
     assert "invalid TOML" in err and err.count("\n") == 1
+
+
+def test_devices_command_prints_the_catalogue(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["devices"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    for name in ("rpi4", "rpi5", "jetson_nano", "jetson_xavier_nx", "jetson_agx_orin", "phone_low",
+                 "phone_high", "xps15", "v100"):
+        assert sum(line.startswith(name + " ") for line in out) == 1, name
+
+
+def test_devices_command_rejects_a_malformed_user_catalogue(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "mine.toml"
+    bad.write_text('[[device]]\nname = "board"\nmemory_gb = -1\n')
+    assert main(["devices", "--extra", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mine.toml" in err and "#1" in err
 
 
 def test_validate_accepts_the_quickstart(capsys: pytest.CaptureFixture[str]) -> None:
