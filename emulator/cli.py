@@ -138,24 +138,24 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def format_summary(cfg: Config, summary: RunSummary) -> str:
-    """A small table: the evaluated rounds (at most 12 of them) and the totals."""
+    """A small table: the rounds (at most 12 of them, always the last) and the totals."""
     rows = summary.rounds
-    evaluated = [r for r in rows if not math.isnan(float(r["test_accuracy"]))]
-    if len(evaluated) > 12:
-        step = math.ceil(len(evaluated) / 11)
-        evaluated = [*evaluated[::step][:11], evaluated[-1]]
+    shown = list(rows)
+    if len(shown) > 12:  # a long run: every k-th round and the last
+        step = math.ceil(len(shown) / 11)
+        shown = [*shown[::step][:11], shown[-1]]
     lines = [
         f"{'round':>6} {'ok':>4} {'oom':>4} {'late':>5} {'drop':>5} {'off':>4} {'train_loss':>11} "
         f"{'test_acc':>9} {'emulated_s':>11} {'energy_J':>10} {'wall_s':>7}"
     ]
-    for r in evaluated:
+    for r in shown:
         lines.append(
             f"{int(r['round']) + 1:>6} {int(r['num_ok']):>4} {int(r['num_oom']):>4} {int(r['num_late']):>5} "
             f"{int(r['num_dropped']):>5} {int(r['num_unavailable']):>4} {float(r['train_loss']):>11.4f} "
-            f"{float(r['test_accuracy']):>9.4f} {float(r['emulated_time_s']):>11.1f} "
+            f"{_accuracy(r['test_accuracy']):>9} {float(r['emulated_time_s']):>11.1f} "
             f"{float(r['energy_j']):>10.1f} {float(r['wall_time_s']):>7.2f}"
         )
-    accs = [float(r["test_accuracy"]) for r in evaluated]
+    accs = [float(a) for a in rows["test_accuracy"] if not math.isnan(a)]
     down = float(rows["bytes_down"].sum()) / 1e6
     up = float(rows["bytes_up"].sum()) / 1e6
     head = (
@@ -172,6 +172,10 @@ def format_summary(cfg: Config, summary: RunSummary) -> str:
         f"trace: {summary.trace_path}",
     ]
     return "\n".join([head, *lines, *tail])
+
+
+def _accuracy(value: float) -> str:
+    return "-" if math.isnan(value) else f"{float(value):.4f}"
 
 
 def _measured(rows: np.ndarray) -> str:

@@ -75,6 +75,7 @@ def test_oom_and_offline_clients() -> None:
     assert c.status.tolist() == [STATUS_OOM, STATUS_OK, STATUS_UNAVAILABLE]
     assert c.budget_bytes.tolist() == [1000, 1000, 10**9]
     assert c.energy_compute_j[0] == 0 and c.comm_s[0] == pytest.approx(0.5)  # downloaded, then failed
+    assert c.wait_s[0] == 0 and c.energy_j[0] == pytest.approx(0.5 * 0.5)  # and left: radio energy only
     assert c.energy_j[2] == 0 and c.level[2] == -1  # never reached
     assert c.round_time_s == pytest.approx(4.0 + 1.5)
     half = costs(cohort(peak_bytes=np.array([600, 500, 500])), memory_fraction=0.5)

@@ -72,7 +72,7 @@ def test_small_mix_trace_has_every_accounting_column(tmp_path: Path, catalogue: 
     # Clients that did not train for real: no rank, no steps, no upload.
     assert (rec["rank"][~ok] == -1).all() and (rec["steps"][~ok] == 0).all() and (rec["bytes_up"][~ok] == 0).all()
     assert (rec["rank"][ok] == 0).all() and (rec["steps"][ok] > 0).all()
-    # Offline clients cost nothing; oom clients downloaded the model and idled.
+    # Offline clients cost nothing; oom clients downloaded the model, failed and left.
     assert (rec["energy_j"][off] == 0).all() and (rec["bytes_down"][off] == 0).all()
     assert (rec["energy_compute_j"][oom] == 0).all() and (rec["comm_time_s"][oom] > 0).all()
     # Times and energies are consistent.

@@ -146,14 +146,14 @@ def plan_costs(
         round_time = float(deadline_s) if deadline_s > 0 else 0.0
 
     # What each client really spent. Cut clients (late, dropped) compute until the round
-    # closes and never upload; an oom client downloads, fails, and idles; offline ones cost
-    # nothing (they were never reached).
+    # closes and never upload; an oom client downloads, fails and leaves; offline ones cost
+    # nothing (they were never reached). Only clients whose update is used wait for the end.
     cut = (status == STATUS_LATE) | (status == STATUS_DROPPED)
     spent_compute = np.where(ok_mask, compute, 0.0)
     spent_compute = np.where(cut, np.clip(round_time - comm_down, 0.0, None), spent_compute)
     spent_comm = np.where(ok_mask, comm, np.where(cut | (status == STATUS_OOM), comm_down, 0.0))
     busy = spent_compute + spent_comm
-    wait = np.where(online, np.clip(round_time - busy, 0.0, None), 0.0)
+    wait = np.where(ok_mask, np.clip(round_time - busy, 0.0, None), 0.0)
     computed = ok_mask | cut
     power = dev.power_w[d, level]
     return CohortCosts(

@@ -28,20 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from emulator.records import NVML_SAMPLE_DTYPE
+
 ENERGY_UPDATE_PERIOD_S = 0.1
 
-SAMPLE_DTYPE = np.dtype(
-    [
-        ("unix_time_s", "<f8"),
-        ("rank", "<i4"),
-        ("gpu", "<i4"),
-        ("power_w", "<f4"),
-        ("energy_j", "<f8"),
-        ("memory_used_bytes", "<i8"),
-        ("utilization_pct", "<f4"),
-        ("sm_clock_mhz", "<f4"),
-    ]
-)
+# The trace's /nvml row type (defined once, in records.py).
+SAMPLE_DTYPE = NVML_SAMPLE_DTYPE
 
 NAN = float("nan")
 
