@@ -69,27 +69,31 @@ class Algorithm:
         raise NotImplementedError
 
     def estimate_training(self, *, num_samples: np.ndarray, epochs: int, batch_size: int) -> WorkEstimate:
-        """Local SGD over the client's samples: FLOPs counted and memory measured once per batch size.
+        """Local SGD over the client's samples, from one counted and measured step at ``batch_size``.
 
-        FLOPs scale linearly with the batch (true of convolutions, matmuls and elementwise ops), so
-        one counted step gives every client's total; memory is measured for each batch size used.
+        FLOPs and saved activations both scale linearly with the batch (true of convolutions,
+        matmuls, normalisation and elementwise ops), so one step at the configured batch size gives
+        every client's FLOPs and the peak of its largest batch, min(batch_size, its samples).
+        ``tests/test_work_estimate.py`` checks the scaling against direct measurements.
         """
-        sample_shape = tuple(self.batches.x.shape[1:])
-        device = next(self.model.parameters()).device
         if self._flops is None:
+            sample_shape = tuple(self.batches.x.shape[1:])
+            device = next(self.model.parameters()).device
             self._flops = FlopCache(self.model, sample_shape=sample_shape, num_classes=self.num_classes)
-            train = self.cfg.train
             self._memory = MemoryCache(
                 self.model, sample_shape=sample_shape, num_classes=self.num_classes, device=device,
-                optimizer_factor=optimizer_state_factor("sgd", train.momentum),
+                optimizer_factor=optimizer_state_factor("sgd", self.cfg.train.momentum),
             )
         assert self._memory is not None
-        per_sample = self._flops.training_step(batch_size) / batch_size
+        update = self._flops.update_flops(batch_size)  # per step, whatever the batch
+        per_sample = (self._flops.training_step(batch_size) - update) / batch_size
+        step = self._memory.training(batch_size)
         n = np.asarray(num_samples, dtype=np.int64)
-        batches = np.minimum(n, batch_size)
-        peak_by_batch = {int(b): self._memory.training(int(b)).total_bytes for b in np.unique(batches) if b > 0}
-        peak = np.array([peak_by_batch.get(int(b), 0) for b in batches], dtype=np.int64)
-        return WorkEstimate(flops=epochs * n * per_sample, peak_bytes=peak)
+        steps = -(-n // batch_size)
+        largest_batch = np.minimum(n, batch_size)
+        state = step.total_bytes - step.activations_bytes
+        peak = state + (step.activations_bytes * largest_batch) // batch_size
+        return WorkEstimate(flops=epochs * (n * per_sample + steps * update), peak_bytes=peak)
 
     def client_update(self, *, global_params: np.ndarray, task: ClientTask) -> ClientResult:
         raise NotImplementedError
