@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 from emulator.errors import ConfigError, UserError
 from emulator.registry import did_you_mean
@@ -61,6 +61,8 @@ class _Section:
             meta = f.metadata
             if meta.get("choices") and value not in meta["choices"]:
                 raise ConfigError(f.name, value, _allowed(meta))
+            if isinstance(value, tuple) and meta.get("ge") is not None and len(value) < meta["ge"]:
+                raise ConfigError(f.name, list(value), f"needs at least {meta['ge']:g} entries")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if isinstance(value, float) and not math.isfinite(value):
                     raise ConfigError(f.name, value, "must be a finite number")
@@ -87,6 +89,13 @@ def _check_type(key: str, value: Any, kind: type) -> Any:
     elif kind is str:
         if not isinstance(value, str):
             raise ConfigError(key, value, "must be a string")
+    elif get_origin(kind) is tuple:  # tuple[str, ...]: a TOML array of strings
+        item = get_args(kind)[0]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]  # --set models=a,b
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, item) for v in value):
+            raise ConfigError(key, value, f"must be a list of {item.__name__}s")
+        value = tuple(value)
     return value
 
 
@@ -143,6 +152,35 @@ class DevicesConfig(_Section):
 
 
 @dataclass(frozen=True)
+class PretrainConfig(_Section):
+    """The source task a pool is pretrained on: distinct from the FL target task."""
+
+    dataset: str = _opt("synthetic", doc="any registered dataset")
+    root: str = _opt("data")
+    num_classes: int = _opt(50, ge=2, le=100_000, doc="synthetic only")
+    num_samples: int = _opt(6000, ge=2, doc="synthetic only")
+    seed: int = _opt(1, ge=0, doc="differs from the run seed: another synthetic task")
+    epochs: int = _opt(3, ge=1, le=10_000)
+    batch_size: int = _opt(64, ge=1, le=65536)
+    lr: float = _opt(0.002, gt=0.0, le=10.0, doc="AdamW learning rate")
+
+
+@dataclass(frozen=True)
+class PoolConfig(_Section):
+    path: str = _opt("pools/quickstart", doc="the pool folder (manifest.json + one safetensors per block)")
+    source: str = _opt("pretrain", choices=("timm", "pretrain"), doc="timm weights, or pretrain here")
+    models: tuple[str, ...] = _opt(
+        ("test_resnet", "test_efficientnet", "test_convnext", "mobilenetv3_small_050"), ge=1,
+        doc="timm model names to cut into blocks",
+    )
+    pretrained: str = _opt("none", doc="source = timm: 'hub', 'none', or a weights file")
+    input_size: int = _opt(32, ge=8, le=1024, doc="image side the blocks are described at")
+    vit_groups: int = _opt(4, ge=1, le=64, doc="transformer blocks per ViT are split into this many groups")
+    overwrite: bool = _opt(False)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+@dataclass(frozen=True)
 class OutputConfig(_Section):
     dir: str = _opt("runs", doc="folder for traces when output.trace is empty")
     trace: str = _opt("", doc="trace path; empty = <dir>/<name>-<time>.h5")
@@ -170,6 +208,7 @@ class Config(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -296,4 +335,6 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")

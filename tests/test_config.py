@@ -151,3 +151,14 @@ def test_process_exit_code_is_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == "fedemu: error: train.lr = -0.1: allowed range (0.0, 10.0]"
     assert not trace.exists()
+
+
+def test_lists_from_toml_arrays_and_from_set() -> None:
+    cfg = config_from_dict({"pool": {"models": ["resnet18", "vit_tiny_patch16_224"]}})
+    assert cfg.pool.models == ("resnet18", "vit_tiny_patch16_224")
+    assert load_config(None, ["pool.models=test_resnet,test_vit"]).pool.models == ("test_resnet", "test_vit")
+    assert config_from_dict(tomllib.loads(to_toml(cfg))) == cfg
+    with pytest.raises(ConfigError, match=r"pool\.models = \[1, 2\]: must be a list of strs"):
+        config_from_dict({"pool": {"models": [1, 2]}})
+    with pytest.raises(ConfigError, match=r"pool\.models = \[\]: needs at least 1 entries"):
+        config_from_dict({"pool": {"models": []}})
