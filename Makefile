@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fedemu-installed
 # Outer bound for each MPI test session: a hang becomes a failure, never a stuck CI.
 MPI_TEST_TIMEOUT ?= 900
 
-.PHONY: run test test-unit test-mpi test-slow bench lint clean
+.PHONY: run test test-unit test-mpi test-slow bench lint clean pool
 
 $(STAMP): pyproject.toml setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,3 +38,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs .pytest_cache
+
+# The quickstart's pretrained block pool (3 tiny timm models, ~1 MB, ~75 s here), built once and cached.
+POOL := data/pools/quickstart
+pool: $(POOL)/manifest.json
+$(POOL)/manifest.json: $(STAMP)
+	$(BIN)/fedemu pools pretrain examples/quickstart.toml --set pool.path=$(POOL)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from emulator.errors import UserError
+from pools.errors import PoolError
 
 if TYPE_CHECKING:
     from emulator.config import Config
@@ -43,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ranks", type=int, default=None, help="MPI ranks to launch (rank 0 is the server)")
     validate = sub.add_parser("validate", help="check a config (and its data files) without running it")
     config_args(validate)
+    pools = sub.add_parser("pools", help="pre-trained block pools: build, pretrain, show, probe")
+    pools_sub = pools.add_subparsers(dest="pools_command", required=True)
+    for name, text in (
+        ("build", "cut the config's [pool] models (timm weights) into a pool"),
+        ("pretrain", "train the [pool] models on [pool.pretrain]'s dataset, then cut them into a pool"),
+        ("probe", "linear-probe accuracy on [data] of the pool's blocks vs the same blocks untrained"),
+    ):
+        config_args(pools_sub.add_parser(name, help=text))
+    pools_sub.add_parser("show", help="list a pool's blocks and which can be stitched").add_argument("path")
     devices = sub.add_parser("devices", help="print the device catalogue")
     devices.add_argument("--catalogue", default="builtin", help="'builtin' or a catalogue TOML file")
     devices.add_argument("--extra", action="append", default=[], help="a TOML file of more devices")
@@ -56,10 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _validate(args)
         if args.command == "devices":
             return _devices(args)
+        if args.command == "pools":
+            return _pools(args)
         return _run(args)
     except UserError as err:
         _error(str(err))
         return UserError.EXIT_CODE
+    except PoolError as err:
+        _error(str(err))
+        return PoolError.EXIT_CODE
 
 
 def _error(message: str) -> None:
@@ -83,6 +98,19 @@ def _load_checked(args: argparse.Namespace) -> Config:
             f"trace file {trace} already exists; pass --set output.overwrite=true or choose another output.trace"
         )
     return cfg
+
+
+def _pools(args: argparse.Namespace) -> int:
+    from emulator import pool_commands
+
+    if args.pools_command == "show":
+        print(pool_commands.show(args.path))
+        return 0
+    from emulator.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(getattr(pool_commands, args.pools_command)(cfg))
+    return 0
 
 
 def _devices(args: argparse.Namespace) -> int:

@@ -157,20 +157,21 @@ class PretrainConfig(_Section):
 
     dataset: str = _opt("synthetic", doc="any registered dataset")
     root: str = _opt("data")
-    num_classes: int = _opt(50, ge=2, le=100_000, doc="synthetic only")
+    num_classes: int = _opt(20, ge=2, le=100_000, doc="synthetic only")
     num_samples: int = _opt(6000, ge=2, doc="synthetic only")
     seed: int = _opt(1, ge=0, doc="differs from the run seed: another synthetic task")
-    epochs: int = _opt(3, ge=1, le=10_000)
+    epochs: int = _opt(6, ge=1, le=10_000)
     batch_size: int = _opt(64, ge=1, le=65536)
-    lr: float = _opt(0.002, gt=0.0, le=10.0, doc="AdamW learning rate")
+    optimizer: str = _opt("adamw", choices=("adamw", "sgd"))
+    lr: float = _opt(0.003, gt=0.0, le=10.0)
 
 
 @dataclass(frozen=True)
 class PoolConfig(_Section):
-    path: str = _opt("pools/quickstart", doc="the pool folder (manifest.json + one safetensors per block)")
+    path: str = _opt("data/pools/quickstart", doc="the pool folder (manifest.json + one safetensors per block)")
     source: str = _opt("pretrain", choices=("timm", "pretrain"), doc="timm weights, or pretrain here")
     models: tuple[str, ...] = _opt(
-        ("test_resnet", "test_efficientnet", "test_convnext", "mobilenetv3_small_050"), ge=1,
+        ("test_resnet", "test_efficientnet", "test_convnext"), ge=1,
         doc="timm model names to cut into blocks",
     )
     pretrained: str = _opt("none", doc="source = timm: 'hub', 'none', or a weights file")

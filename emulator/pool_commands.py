@@ -5,6 +5,7 @@ The emulator owns the datasets, so it loads them here and hands `pools` plain ar
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,6 +23,9 @@ def _check_models(cfg: Config) -> None:
 
 
 def build(cfg: Config) -> str:
+    """Build the pool from its configured source: timm weights, or pretraining here."""
+    if cfg.pool.source == "pretrain":
+        return pretrain(cfg)
     from pools import build_pool
 
     _check_models(cfg)
@@ -31,7 +35,8 @@ def build(cfg: Config) -> str:
         Path(p.path), models=list(p.models), pretrained=p.pretrained, input_size=p.input_size, in_chans=3,
         vit_groups=p.vit_groups, overwrite=p.overwrite,
     )
-    return f"wrote pool {pool.path}: {len(pool)} blocks from {len(p.models)} models in {time.perf_counter() - started:.1f} s"
+    seconds = time.perf_counter() - started
+    return f"wrote pool {pool.path}: {len(pool)} blocks from {len(p.models)} models in {seconds:.1f} s"
 
 
 def source_dataset(cfg: Config) -> ArrayDataset:
@@ -49,14 +54,45 @@ def pretrain(cfg: Config) -> str:
     _check_models(cfg)
     p, pt = cfg.pool, cfg.pool.pretrain
     data = source_dataset(cfg)
+    lines = None if _bar(cfg.runtime.progress) or cfg.runtime.progress == "none" else _EpochLines(pt.epochs)
     started = time.perf_counter()
     pool = pretrain_pool(
         Path(p.path), models=list(p.models), x=data.x_train, y=data.y_train, num_classes=data.num_classes,
-        epochs=pt.epochs, batch_size=pt.batch_size, lr=pt.lr, seed=pt.seed, input_size=p.input_size,
-        progress=cfg.runtime.progress != "none", overwrite=p.overwrite,
+        epochs=pt.epochs, batch_size=pt.batch_size, lr=pt.lr, optimizer=pt.optimizer, seed=pt.seed,
+        input_size=p.input_size, progress=_bar(cfg.runtime.progress), on_batch=lines,
+        overwrite=p.overwrite,
         dataset={"name": pt.dataset, "num_classes": data.num_classes, "num_train": data.num_train, "seed": pt.seed},
     )
+    if lines is not None:
+        lines.flush()
     return f"wrote pool {pool.path}: {len(pool)} blocks, pretrained in {time.perf_counter() - started:.1f} s"
+
+
+def _bar(mode: str) -> bool:
+    """A tqdm bar on a terminal only; batch logs get one line per epoch instead."""
+    return mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+
+
+class _EpochLines:
+    """Batch logs: one plain line per finished (model, epoch) with its mean loss."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.current: tuple[str, int] | None = None
+        self.losses: list[float] = []
+
+    def __call__(self, *, model: str, model_index: int, epoch: int, batch: int, loss: float) -> None:
+        if self.current != (model, epoch):
+            self.flush()
+            self.current = (model, epoch)
+        self.losses.append(loss)
+
+    def flush(self) -> None:
+        if self.current and self.losses:
+            model, epoch = self.current
+            mean = sum(self.losses) / len(self.losses)
+            print(f"pretrain {model} epoch {epoch + 1}/{self.epochs}: mean loss {mean:.4f}", flush=True)
+        self.losses = []
 
 
 def show(path: str) -> str:
@@ -135,7 +171,7 @@ def _to_channels(data: ArrayDataset, chans: int) -> ArrayDataset:
     )
 
 
-def _tempdir():  # noqa: ANN202
+def _tempdir():
     import tempfile
 
     return tempfile.TemporaryDirectory(prefix="fedemu-probe-")
