@@ -42,5 +42,5 @@ clean:
 # The quickstart's pretrained block pool (3 tiny timm models, ~1 MB, ~75 s here), built once and cached.
 POOL := data/pools/quickstart
 pool: $(POOL)/manifest.json
-$(POOL)/manifest.json: $(STAMP)
+$(POOL)/manifest.json: | $(STAMP)
 	$(BIN)/fedemu pools pretrain examples/quickstart.toml --set pool.path=$(POOL)
