@@ -40,3 +40,28 @@ def fedemu_env() -> dict[str, str]:
 
 def mpiexec() -> str:
     return str(BIN / "mpiexec")
+
+
+@pytest.fixture(scope="session")
+def small_traces(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two real traces of small FedAvg runs on RaFFM's Small device mix (a sweep over alpha).
+
+    Session-scoped: analysis tests share them. Run in-process (single-process Comm).
+    """
+    from emulator.comm import SingleComm
+    from emulator.config import load_config
+    from emulator.runner import run
+
+    folder = tmp_path_factory.mktemp("traces")
+    paths = []
+    for alpha in (0.1, 1.0):
+        path = folder / f"alpha{alpha}.h5"
+        cfg = load_config(None, [
+            f"name=alpha{alpha}", "data.dataset=synthetic", "data.num_samples=600", "data.num_classes=4",
+            "data.image_size=16", "data.partition.num_clients=20", f"data.partition.alpha={alpha}",
+            "clients_per_round=8", "rounds=4", "eval_every=2", "devices.mix=small", "deadline_s=0",
+            "runtime.progress=none", "runtime.threads=1", f"output.trace={path}",
+        ])
+        run(cfg, SingleComm())
+        paths.append(path)
+    return paths
