@@ -53,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     ):
         config_args(pools_sub.add_parser(name, help=text))
     pools_sub.add_parser("show", help="list a pool's blocks and which can be stitched").add_argument("path")
+    report = sub.add_parser("report", help="write report.md + index.html (tables and plots) for traces")
+    report.add_argument("traces", nargs="+", help="one or more trace files (.h5)")
+    report.add_argument("-o", "--out", required=True, help="output folder")
+    report.add_argument("--target-accuracy", type=float, default=None, help="for rounds/time to target")
+    watch = sub.add_parser("watch", help="print the latest round of a running emulation every few seconds")
+    watch.add_argument("trace")
+    watch.add_argument("--interval", type=float, default=5.0, help="seconds between looks")
+    reproduce = sub.add_parser("reproduce", help="the seed papers' headline claims beside this emulator's")
+    reproduce.add_argument("suite_dir", help="folder of traces from examples/paper-suite/")
     devices = sub.add_parser("devices", help="print the device catalogue")
     devices.add_argument("--catalogue", default="builtin", help="'builtin' or a catalogue TOML file")
     devices.add_argument("--extra", action="append", default=[], help="a TOML file of more devices")
@@ -68,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _devices(args)
         if args.command == "pools":
             return _pools(args)
+        if args.command in ("report", "watch", "reproduce"):
+            return _analysis(args)
         return _run(args)
     except UserError as err:
         _error(str(err))
@@ -98,6 +109,33 @@ def _load_checked(args: argparse.Namespace) -> Config:
             f"trace file {trace} already exists; pass --set output.overwrite=true or choose another output.trace"
         )
     return cfg
+
+
+def _analysis(args: argparse.Namespace) -> int:
+    # The CLI is where the runtime and the offline analysis meet; analysis never imports emulator.
+    from analysis.read import TraceError
+
+    try:
+        if args.command == "report":
+            from analysis.report import write_report
+
+            md, html = write_report([Path(t) for t in args.traces], Path(args.out),
+                                    target_accuracy=args.target_accuracy)
+            print(f"wrote {md} and {html}")
+        elif args.command == "watch":
+            from analysis.watch import watch
+
+            if args.interval <= 0:
+                raise UserError(f"--interval = {args.interval}: must be > 0")
+            return watch(Path(args.trace), interval_s=args.interval)
+        else:
+            from analysis.reproduce import reproduce
+
+            print(reproduce(Path(args.suite_dir)))
+    except TraceError as err:
+        _error(str(err))
+        return 2
+    return 0
 
 
 def _pools(args: argparse.Namespace) -> int:
