@@ -10,9 +10,13 @@ Every failure is a :class:`TraceError` with a one-line message naming the file.
 
 from __future__ import annotations
 
+import builtins
+import ctypes
+import functools
 import glob
 import json
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Sequence
 from functools import cached_property
@@ -192,8 +196,7 @@ class Run:
                 try:
                     attrs[key] = json.loads(value)
                 except ValueError:
-                    if key in JSON_ATTRS:
-                        raise self._error(f"corrupted root attribute {key!r}: not JSON") from None
+                    pass  # not JSON after all: keep the text
         self.meta = attrs
 
         # /rounds before /client_rounds: the writer appends a round's client rows before its
@@ -325,6 +328,70 @@ class Run:
         return f"Run({str(self.path)!r}, rounds={len(self.rounds)}, {state})"
 
 
+# Metadata read attempts of a SWMR reader. A SWMR reader retries a metadata read whose checksum
+# fails (the writer may be rewriting it), sleeping 1 ns, 2 ns, 4 ns, ... between tries; HDF5's
+# default of 100 tries makes a damaged file (e.g. truncated) hang for hours. 30 tries wait ~1 s.
+SWMR_READ_ATTEMPTS = 30
+
+
+@functools.cache
+def _hdf5_library() -> ctypes.CDLL | None:
+    """The HDF5 library h5py uses (for ``H5Pset_metadata_read_attempts``, which h5py does not wrap)."""
+    candidates: list[str] = []
+    try:
+        with builtins.open("/proc/self/maps") as maps:  # Linux: the copy already loaded
+            candidates += re.findall(r"(/\S*/libhdf5(?:-[0-9a-f]+)?\.(?:so|dylib)\S*)", maps.read())
+    except OSError:
+        pass
+    h5py_dir = Path(h5py.__file__).resolve().parent
+    for libs in (h5py_dir.parent / "h5py.libs", h5py_dir / ".dylibs"):  # wheels bundle it here
+        candidates += [str(p) for p in sorted(libs.glob("libhdf5*")) if "_hl" not in p.name]
+    for candidate in candidates:
+        try:
+            lib = ctypes.CDLL(candidate)
+            lib.H5Pset_metadata_read_attempts.argtypes = [ctypes.c_int64, ctypes.c_uint]
+            lib.H5Pset_metadata_read_attempts.restype = ctypes.c_int
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _open_swmr(path: Path) -> h5py.File:
+    """``h5py.File(path, "r", swmr=True, locking="best-effort")`` with :data:`SWMR_READ_ATTEMPTS`."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    fapl.set_file_locking(True, True)  # best-effort: parallel file systems often lack locks
+    lib = _hdf5_library()
+    if lib is not None:
+        lib.H5Pset_metadata_read_attempts(fapl.id, SWMR_READ_ATTEMPTS)
+    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=fapl)
+    return h5py.File(fid)
+
+
+def _open_file(path: Path) -> h5py.File:
+    """Open a finished trace plainly, a live or killed one (SWMR flag set) in SWMR read mode."""
+    try:
+        # A finished file opens plainly, and HDF5 then checks its size against the stored end,
+        # so a truncated copy fails here at once, with a clear reason.
+        return h5py.File(path, "r", locking="best-effort")
+    except OSError as err:
+        plain = err
+    try:
+        hdf5 = h5py.is_hdf5(path)
+    except OSError:
+        hdf5 = True
+    if not hdf5:
+        raise TraceError(f"trace {path}: not an HDF5 file") from None
+    if "truncated" in str(plain):
+        raise TraceError(f"trace {path}: unreadable HDF5 file, truncated ({_reason(plain)})") from None
+    try:
+        # A writer still has it (live run) or had it (killed run): swmr=True reads both.
+        return _open_swmr(path)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise TraceError(f"trace {path}: unreadable HDF5 file ({_reason(err)})") from None
+
+
 def open(path: str | os.PathLike) -> Run:
     """Read a whole trace: live (rounds flushed so far), finished, or killed (SWMR flag left set).
 
@@ -337,18 +404,7 @@ def open(path: str | os.PathLike) -> Run:
         raise TraceError(f"trace {path}: no such file")
     if path.is_dir():
         raise TraceError(f"trace {path}: is a directory, not a trace file")
-    try:
-        # swmr=True: reads a file still being written and one whose writer was killed (a plain
-        # read-only open refuses those); "best-effort" locking: parallel file systems often lack locks.
-        f = h5py.File(path, "r", swmr=True, locking="best-effort")
-    except OSError as err:
-        try:
-            hdf5 = h5py.is_hdf5(path)
-        except OSError:
-            hdf5 = True
-        if not hdf5:
-            raise TraceError(f"trace {path}: not an HDF5 file") from None
-        raise TraceError(f"trace {path}: unreadable HDF5 file ({_reason(err)})") from None
+    f = _open_file(path)
     try:
         with f:
             version = _attr_value(f.attrs.get("schema_version"))
