@@ -21,8 +21,9 @@ from emulator.batches import BatchMaker
 from emulator.comm import Comm
 from emulator.config import Config, to_toml
 from emulator.data import ArrayDataset, ClientShards, check_dataset, load_dataset, partition
+from emulator.devices import configured_catalogue
 from emulator.devices.binding import choose_device, gpu_identity, gpu_nvml_index
-from emulator.devices.catalogue import Catalogue, catalogue_text, load_catalogue
+from emulator.devices.catalogue import Catalogue, catalogue_text
 from emulator.devices.nvml import Meter, PowerSampler, shared_gpu_ranks
 from emulator.devices.planner import DevicePlanner, device_table
 from emulator.devices.population import Population, make_population, parse_mix
@@ -89,10 +90,11 @@ def _versions() -> dict[str, str]:
 
 
 def trace_attrs(cfg: Config, comm: Comm, threads: int) -> dict[str, str | int | float | bool]:
+    versions = _versions()
     return {
         "config": to_toml(cfg),
-        "fedemu_version": _versions()["fedemu"],
-        "package_versions": json.dumps(_versions()),
+        "fedemu_version": versions["fedemu"],
+        "package_versions": json.dumps(versions),
         "mpi_library": comm.library(),
         "ranks": comm.size,
         "workers": len(worker_ranks(comm.size)),
@@ -129,8 +131,7 @@ def run(cfg: Config, comm: Comm) -> RunSummary | None:
     torch.set_num_threads(threads)
     # Cheap checks on every rank first: bad input is a clean error, not a hang.
     check_dataset(cfg.data.dataset, root=Path(cfg.data.root))
-    extra = [cfg.devices.extra_catalogue] if cfg.devices.extra_catalogue else []
-    catalogue = load_catalogue(cfg.devices.catalogue, extra=extra)
+    catalogue = configured_catalogue(cfg)
     device = torch.device(choose_device(cfg.devices.device, node_rank=comm.node_rank,
                                         cuda_count=torch.cuda.device_count()))
     data = comm.node_share(lambda: load_data(cfg))

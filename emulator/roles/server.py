@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from torch import nn
@@ -42,7 +42,6 @@ class RunSummary:
     wall_time_s: float
     trace_write_s: float
     ranks: int
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
