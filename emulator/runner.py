@@ -142,7 +142,6 @@ def run(cfg: Config, comm: Comm) -> RunSummary | None:
     algorithm = create_algorithm(
         cfg.algorithm, cfg=cfg, model=model, flat=flat, batches=train_batches, num_classes=data.num_classes
     )
-    global_params = flat.get()
 
     is_server = comm.rank == 0
     meter = Meter(gpu_nvml_index(str(device)))
@@ -169,8 +168,10 @@ def run(cfg: Config, comm: Comm) -> RunSummary | None:
             trace_path(cfg), attrs=attrs, clients=clients_table(shards, population),
             label_counts=shards.label_counts(data.y_train, data.num_classes), devices=device_table(catalogue),
             overwrite=cfg.output.overwrite, cohort_size=math.ceil(cfg.clients_per_round * cfg.overcommit),
+            tables=algorithm.trace_layout(),
         )
         trace.event("start", f"{cfg.algorithm} on {cfg.data.dataset}: {cfg.rounds} rounds, {comm.size} ranks")
+        algorithm.attach_trace(trace)
         if not sampling:
             trace.event("meter", f"no energy meter: {meter.reason or 'no GPU'}; measured columns are NaN")
         server = Server(
@@ -180,26 +181,30 @@ def run(cfg: Config, comm: Comm) -> RunSummary | None:
             trace=trace, progress=RoundProgress(cfg.rounds, cfg.runtime.progress),
         )
 
-    empty = np.zeros(flat.size + 1, dtype=np.float64)
     sampler.start()
     try:
         for r in range(cfg.rounds):
             plan = comm.bcast(server.plan(r) if server else None)
-            comm.Bcast(global_params)
+            if plan is None:  # the algorithm finished early (e.g. FedStitch reached its depth)
+                break
+            state = algorithm.broadcast_state() if is_server else np.empty(plan.state_size, dtype=np.float32)
+            comm.Bcast(state)
             if group is not None:
-                summed, records = group.run(plan, global_params)
+                summed, records, extras = group.run(plan, state)
             else:
-                summed, records = empty, np.zeros(0, dtype=CLIENT_ROUND_DTYPE)
+                summed = np.zeros(algorithm.accumulator_size(plan.info), dtype=np.float64)
+                records, extras = np.zeros(0, dtype=CLIENT_ROUND_DTYPE), []
             total = np.empty_like(summed) if is_server else None
             comm.Reduce(summed, total)
             gathered = np.empty(len(plan.clients), dtype=CLIENT_ROUND_DTYPE) if is_server else None
             comm.Gatherv(records, gathered, plan.counts(comm.size) if is_server else None)
+            all_extras = gather_extras(comm, extras) if algorithm.uses_extras else None
             if sampling:
                 samples = gather_rows(comm, sampler.drain(), NVML_SAMPLE_DTYPE)
                 if server is not None:
                     server.trace.append_nvml(samples)
             if server is not None:
-                global_params = server.finish_round(plan, global_params, total, gathered)
+                server.finish_round(plan, total, gathered, all_extras)
     except BaseException as err:
         sampler.stop()
         if server is not None:
@@ -212,12 +217,25 @@ def run(cfg: Config, comm: Comm) -> RunSummary | None:
         return None
     server.progress.close()
     wall = time.perf_counter() - started
-    server.trace.event("finish", f"{cfg.rounds} rounds in {wall:.2f} s")
+    server.trace.event("finish", f"{len(server.rows)} rounds in {wall:.2f} s")
     server.trace.close()
     return RunSummary(
         trace_path=str(server.trace.path), rounds=server.all_rounds(), wall_time_s=wall,
         trace_write_s=server.trace.write_seconds, ranks=comm.size,
     )
+
+
+def gather_extras(comm: Comm, extras: list[np.ndarray]) -> list[np.ndarray] | None:
+    """Per-client float32 vectors of any length onto rank 0, in rank order (lengths pickled, values Gatherv)."""
+    lengths = comm.gather([len(e) for e in extras])
+    values = np.concatenate(extras) if extras else np.zeros(0, dtype=np.float32)
+    counts = [sum(per_rank) for per_rank in lengths] if lengths is not None else None
+    out = np.empty(sum(counts), dtype=np.float32) if counts is not None else None
+    comm.Gatherv(values.astype(np.float32, copy=False), out, counts)
+    if lengths is None or out is None:
+        return None
+    flat_lengths = [n for per_rank in lengths for n in per_rank]
+    return np.split(out, np.cumsum(flat_lengths)[:-1]) if flat_lengths else []
 
 
 def gather_rows(comm: Comm, rows: np.ndarray, dtype: np.dtype) -> np.ndarray:

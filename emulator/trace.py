@@ -36,6 +36,7 @@ MAX_CLIENT_ROUNDS_CHUNK = 65536  # ~3 MiB of rows
 ROUNDS_CHUNK = 256  # 56 B/row -> 14 KiB
 EVENTS_CHUNK = 8
 STATIC_CHUNK_BYTES = 1 << 20  # static tables are written once; chunked for compression
+ALGORITHM_CHUNK_BYTES = 1 << 14  # algorithm tables: written per round, uncompressed, like /rounds
 GZIP_LEVEL = 1  # higher levels cost time every round for a few percent of size
 
 EVENT_LEVELS = ("info", "warning", "error")
@@ -90,11 +91,14 @@ class TraceWriter:
         devices: np.ndarray | None = None,
         overwrite: bool = False,
         cohort_size: int | None = None,
+        tables: Mapping[str, np.dtype] | None = None,
     ) -> None:
         """Create the trace at ``path`` with its whole layout, then enter SWMR mode.
 
         ``cohort_size``: the number of client rows ``append_round`` usually gets; it
         sizes the chunks of ``/client_rounds`` so each round writes one whole chunk.
+        ``tables``: an algorithm's own extendable datasets, ``"group/name" -> dtype``
+        (SWMR allows no new objects later, so they are declared here); see :meth:`append`.
         """
         self.path = Path(path)
         self.write_seconds = 0.0
@@ -119,6 +123,11 @@ class TraceWriter:
             if not isinstance(value, str | int | float | bool | np.generic):
                 raise TypeError(f"attribute {key!r} has unsupported type {type(value).__name__}")
 
+        tables = dict(tables or {})
+        for key in tables:
+            group = key.split("/")[0]
+            if key.count("/") != 1 or group in GROUPS or not all(key.split("/")):
+                raise ValueError(f"algorithm table {key!r} must be 'group/name' outside {GROUPS}")
         if self.path.is_dir():
             raise UserError(f"trace path {self.path} is a directory; set output.trace to a file")
         if self.path.exists() and not overwrite:
@@ -136,6 +145,11 @@ class TraceWriter:
 
         try:
             self._create_layout(f, attrs, clients, label_counts, devices, cr_chunk)
+            for key, dtype in tables.items():
+                dt = np.dtype(dtype)
+                # Appended once per round like /rounds: uncompressed (see the chunking note above).
+                f.create_dataset(key, shape=(0,), maxshape=(None,), dtype=dt,
+                                 chunks=(max(1, min(4096, ALGORITHM_CHUNK_BYTES // dt.itemsize)),))
             # Flushes the layout and attributes; from here on only appends are allowed.
             f.swmr_mode = True
         except BaseException:
@@ -147,6 +161,7 @@ class TraceWriter:
         self._client_rounds: h5py.Dataset = f["client_rounds/table"]
         self._events: h5py.Dataset = f["events/table"]
         self._nvml: h5py.Dataset = f["nvml/table"]
+        self._tables: dict[str, h5py.Dataset] = {key: f[key] for key in tables}
 
     @staticmethod
     def _check_label_counts(label_counts: np.ndarray, num_clients: int) -> np.ndarray:
@@ -248,6 +263,24 @@ class TraceWriter:
             t0 = time.perf_counter()
             self._append(self._nvml, rows)
             self.write_seconds += time.perf_counter() - t0
+
+    def append(self, key: str, rows: np.ndarray) -> int:
+        """Append rows to an algorithm table declared at creation; returns the index of the first row.
+
+        Ragged data (e.g. a score matrix per step) goes into a flat value table, with its
+        start index and shape in a row of the step table.
+        """
+        self._live()
+        ds = self._tables.get(key)
+        if ds is None:
+            raise ValueError(f"trace table {key!r} was not declared; declared: {sorted(self._tables)}")
+        rows = np.asarray(rows, dtype=ds.dtype).reshape(-1)
+        start = ds.shape[0]
+        if len(rows):
+            t0 = time.perf_counter()
+            self._append(ds, rows)
+            self.write_seconds += time.perf_counter() - t0
+        return start
 
     def event(
         self,

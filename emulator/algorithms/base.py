@@ -7,6 +7,7 @@ arguments can be added without breaking registered algorithms.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -15,7 +16,11 @@ from emulator.batches import BatchMaker
 from emulator.config import Config
 from emulator.devices.flops import FlopCache
 from emulator.devices.memory import MemoryCache, optimizer_state_factor
+from emulator.evaluation import evaluate
 from emulator.flat import FlatModel
+from emulator.roles.plan import assign_lpt
+
+STOP = "stop"  # begin_round's answer when the algorithm has finished before cfg.rounds
 
 
 @dataclass(frozen=True)
@@ -31,23 +36,46 @@ class ClientTask:
 
 @dataclass(frozen=True)
 class WorkEstimate:
-    """Per client: FLOPs of its local work this round and the peak memory it needs."""
+    """Per client: FLOPs of its local work this round, the peak memory it needs, and what it moves.
+
+    ``bytes_down`` / ``bytes_up`` default to the algorithm's ``payload_bytes()`` each way.
+    """
 
     flops: np.ndarray
     peak_bytes: np.ndarray
+    bytes_down: np.ndarray | None = None
+    bytes_up: np.ndarray | None = None
 
 
 @dataclass
 class ClientResult:
-    params: np.ndarray  # the client's new flat state (float32)
+    params: np.ndarray  # what ``accumulate`` adds up: the client's new flat state (FedAvg) or its statistics
     weight: float  # aggregation weight, e.g. its sample count
     steps: int
     train_loss: float
     status: int
+    extra: np.ndarray | None = None  # a small per-client float32 vector for rank 0 (e.g. block scores)
 
 
 class Algorithm:
-    """Base class of registered algorithms; one instance per rank, reused across rounds."""
+    """Base class of registered algorithms; one instance per rank, reused across rounds.
+
+    A round, as the runner drives it (DESIGN.md §3):
+
+    - rank 0: ``begin_round`` (None = the algorithm is done: the run ends early) gives a small
+      picklable ``info`` that travels in the plan; ``estimate_work`` costs each client;
+      ``broadcast_state`` is the float32 buffer every rank receives by ``Bcast``;
+    - every worker: ``client_update`` per client, ``accumulate`` into a float64 buffer of
+      ``accumulator_size(info)`` (one ``Reduce``); ``ClientResult.extra`` vectors are gathered
+      to rank 0 when ``uses_extras``;
+    - rank 0: ``conclude_round`` with the reduced sum and the gathered rows and extras, then
+      ``evaluate``; ``trace_layout`` names the algorithm's own trace tables, which it appends
+      to through the ``trace`` handed to ``attach_trace``.
+
+    The defaults are FedAvg's: the state is the flat model, the accumulator Σ w·params | Σ w.
+    """
+
+    uses_extras = False
 
     def __init__(
         self, *, cfg: Config, model: nn.Module, flat: FlatModel, batches: BatchMaker, num_classes: int
@@ -59,13 +87,61 @@ class Algorithm:
         self.num_classes = num_classes
         self._flops: FlopCache | None = None
         self._memory: MemoryCache | None = None
+        self.global_params = flat.get()  # the server's model state (identical on every rank at start)
+        self.trace: Any = None
+
+    # ---- rank 0 -------------------------------------------------------------------------------------
+    def begin_round(self, *, round: int) -> Any:
+        """Control data for this round, sent to every rank in the plan; ``STOP`` ends the run."""
+        return None
+
+    def broadcast_state(self) -> np.ndarray:
+        """The float32 buffer every rank gets at the start of the round."""
+        return self.global_params
+
+    def assign(self, *, clients: np.ndarray, costs: np.ndarray, workers: list[int]) -> np.ndarray:
+        """The rank that runs each client (default: longest-processing-time on ``costs``)."""
+        return assign_lpt(costs, workers)
+
+    def conclude_round(
+        self, *, round: int, summed: np.ndarray, records: np.ndarray, extras: list[np.ndarray]
+    ) -> None:
+        """Update the server state from the reduced accumulator; ``extras`` follows ``records``' rows."""
+        self.global_params = self.aggregate(
+            global_params=self.global_params, update_sum=summed[:-1], weight_sum=float(summed[-1])
+        )
+
+    def evaluate(self, *, test_batches: BatchMaker, batch_size: int) -> tuple[float, float]:
+        """(accuracy, loss) of the current global model on the held-out set."""
+        self.flat.set(self.global_params)
+        return evaluate(self.model, test_batches, batch_size)
+
+    def trace_layout(self) -> dict[str, np.dtype]:
+        """Extendable trace datasets this algorithm appends to ("group/name" -> row dtype)."""
+        return {}
+
+    def attach_trace(self, trace: Any) -> None:
+        self.trace = trace
+
+    # ---- every rank ---------------------------------------------------------------------------------
+    def accumulator_size(self, info: Any) -> int:
+        return self.flat.size + 1
+
+    def accumulate(self, acc: np.ndarray, result: ClientResult, scratch: np.ndarray) -> None:
+        """Add one ok client's result into the rank's float64 accumulator."""
+        np.multiply(result.params, result.weight, out=scratch[: result.params.size])
+        acc[:-1] += scratch[: result.params.size]
+        acc[-1] += result.weight
 
     def payload_bytes(self) -> int:
         """Bytes each way per client and round (the flat float32 state)."""
         return self.flat.nbytes
 
-    def estimate_work(self, *, num_samples: np.ndarray) -> WorkEstimate:
-        """What each client's local work costs, asked before the round ("does it fit?")."""
+    def estimate_work(self, *, num_samples: np.ndarray, budget_bytes: np.ndarray | None = None) -> WorkEstimate:
+        """What each client's local work costs, asked before the round ("does it fit?").
+
+        ``budget_bytes``: each client's memory budget, for algorithms whose work adapts to it.
+        """
         raise NotImplementedError
 
     def estimate_training(self, *, num_samples: np.ndarray, epochs: int, batch_size: int) -> WorkEstimate:
@@ -95,7 +171,10 @@ class Algorithm:
         peak = state + (step.activations_bytes * largest_batch) // batch_size
         return WorkEstimate(flops=epochs * (n * per_sample + steps * update), peak_bytes=peak)
 
-    def client_update(self, *, global_params: np.ndarray, task: ClientTask) -> ClientResult:
+    def client_update(
+        self, *, global_params: np.ndarray, task: ClientTask, info: Any = None, budget_bytes: int = 0
+    ) -> ClientResult:
+        """One client's local work; ``global_params`` is this round's broadcast state."""
         raise NotImplementedError
 
     def aggregate(self, *, global_params: np.ndarray, update_sum: np.ndarray, weight_sum: float) -> np.ndarray:

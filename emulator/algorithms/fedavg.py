@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -13,13 +15,15 @@ from emulator.records import STATUS_OK
 
 @register_algorithm("fedavg")
 class FedAvg(Algorithm):
-    def estimate_work(self, *, num_samples: np.ndarray) -> WorkEstimate:
+    def estimate_work(self, *, num_samples: np.ndarray, budget_bytes: np.ndarray | None = None) -> WorkEstimate:
         train = self.cfg.train
         return self.estimate_training(
             num_samples=num_samples, epochs=train.local_epochs, batch_size=train.batch_size
         )
 
-    def client_update(self, *, global_params: np.ndarray, task: ClientTask) -> ClientResult:
+    def client_update(
+        self, *, global_params: np.ndarray, task: ClientTask, info: Any = None, budget_bytes: int = 0
+    ) -> ClientResult:
         train = self.cfg.train
         self.flat.set(global_params)
         self.model.train()

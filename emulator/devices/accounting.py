@@ -44,8 +44,8 @@ class CohortInputs:
     online: np.ndarray  # bool: available this round
     noise: np.ndarray  # this round's multiplicative variation of its compute time
     correction: np.ndarray  # the client's own estimate of actual/nominal time, from its last round
-    bytes_down: int
-    bytes_up: int
+    bytes_down: int | np.ndarray  # per client, or one number for all
+    bytes_up: int | np.ndarray
 
 
 @dataclass(frozen=True)

@@ -67,9 +67,14 @@ class DevicePlanner:
             noise[i] = math.exp(sigma * z - sigma * sigma / 2)
         return online, noise
 
+    def budget_bytes(self, clients: np.ndarray) -> np.ndarray:
+        """Each client's training memory budget: its device's memory x ``devices.memory_fraction``."""
+        memory = self.arrays.memory_bytes[self.population.device[clients]]
+        return (memory * self.cfg.devices.memory_fraction).astype(np.int64)
+
     def plan(
-        self, round_: int, clients: np.ndarray, *, flops: np.ndarray, peak_bytes: np.ndarray, payload_bytes: int,
-        keep: int,
+        self, round_: int, clients: np.ndarray, *, flops: np.ndarray, peak_bytes: np.ndarray,
+        bytes_down: int | np.ndarray, bytes_up: int | np.ndarray, keep: int,
     ) -> CohortCosts:
         pop = self.population
         online, noise = self.draws(round_, clients)
@@ -77,7 +82,7 @@ class DevicePlanner:
             device=pop.device[clients].astype(np.int64), speed=pop.speed[clients].astype(np.float64),
             bandwidth=pop.bandwidth[clients].astype(np.float64), flops=flops.astype(np.float64),
             peak_bytes=peak_bytes.astype(np.int64), online=online, noise=noise,
-            correction=self.correction[clients], bytes_down=payload_bytes, bytes_up=payload_bytes,
+            correction=self.correction[clients], bytes_down=bytes_down, bytes_up=bytes_up,
         )
         dev = self.cfg.devices
         return plan_costs(

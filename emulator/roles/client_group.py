@@ -28,15 +28,24 @@ class ClientGroup:
         self.shards = shards
         self.meter = meter
         self.device = device
-        size = algorithm.flat.size
-        # Σ weight·params in float64, with Σ weight in the last slot: one Reduce carries both.
-        self.accumulator = np.zeros(size + 1, dtype=np.float64)
-        self._scratch = np.empty(size, dtype=np.float64)
+        # FedAvg: Σ weight·params in float64, with Σ weight in the last slot, so one Reduce carries
+        # both. Kept across rounds (reallocated only when the algorithm's size changes).
+        self.accumulator = np.zeros(0, dtype=np.float64)
+        self._scratch = np.zeros(0, dtype=np.float64)
 
-    def run(self, plan: RoundPlan, global_params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(accumulator, per-client records) for this rank's clients of the round."""
-        acc = self.accumulator
-        acc.fill(0.0)
+    def buffer(self, size: int) -> np.ndarray:
+        """The rank's zeroed accumulator of ``size`` float64 (also what a rank with no clients sends)."""
+        if self.accumulator.size != size:
+            self.accumulator = np.zeros(size, dtype=np.float64)
+            self._scratch = np.empty(size, dtype=np.float64)
+        else:
+            self.accumulator.fill(0.0)
+        return self.accumulator
+
+    def run(self, plan: RoundPlan, global_params: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """(accumulator, per-client records, per-client extras) for this rank's clients of the round."""
+        acc = self.buffer(self.algorithm.accumulator_size(plan.info))
+        extras: list[np.ndarray] = []
         positions = plan.positions_of(self.rank)
         records = np.zeros(len(positions), dtype=CLIENT_ROUND_DTYPE)
         cuda = self.device.type == "cuda"
@@ -62,8 +71,11 @@ class ClientGroup:
                 try:
                     if cuda:
                         torch.cuda.reset_peak_memory_stats(self.device)
+                    budget = int(plan.budget_bytes[pos]) if plan.budget_bytes is not None else 0
                     with cap:
-                        result = self.algorithm.client_update(global_params=global_params, task=task)
+                        result = self.algorithm.client_update(
+                            global_params=global_params, task=task, info=plan.info, budget_bytes=budget
+                        )
                     status, steps, loss = result.status, result.steps, result.train_loss
                 except torch.cuda.OutOfMemoryError:
                     # The allocator's hard cap: the client did not fit after all. Not a crash.
@@ -76,14 +88,15 @@ class ClientGroup:
                     remaining = float(plan.sleep_s[pos]) - (time.perf_counter() - start)
                     if remaining > 0:
                         time.sleep(remaining)
-            if status == STATUS_OK:
-                np.multiply(result.params, result.weight, out=self._scratch)
-                acc[:-1] += self._scratch
-                acc[-1] += result.weight
+            ok = status == STATUS_OK
+            if ok:
+                self.algorithm.accumulate(acc, result, self._scratch)
+            extra = result.extra if ok and result.extra is not None else None
+            extras.append(np.zeros(0, np.float32) if extra is None else np.asarray(extra, dtype=np.float32))
             rec["steps"] = steps
             rec["status"] = status
             rec["train_loss"] = loss
             rec["wall_time_s"] = time.perf_counter() - start
             rec["energy_measured_j"] = window.energy_j
             rec["meter_short"] = window.flag_short
-        return acc, records
+        return acc, records, extras

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,8 @@ class RoundPlan:
     ranks: np.ndarray  # int32, the rank that runs clients[i]
     sleep_s: np.ndarray | None = None  # throttle = "sleep": real seconds each client must take
     budget_bytes: np.ndarray | None = None  # each client's memory budget (the CUDA cap)
+    info: Any = None  # the algorithm's control data for this round (small: it is pickled)
+    state_size: int = 0  # float32 elements of the state broadcast after the plan
 
     def clients_of(self, rank: int) -> np.ndarray:
         return self.clients[self.ranks == rank]

@@ -10,11 +10,11 @@ import numpy as np
 from torch import nn
 
 from emulator.algorithms import Algorithm
+from emulator.algorithms.base import STOP
 from emulator.batches import BatchMaker
 from emulator.config import Config
 from emulator.devices.accounting import CohortCosts
 from emulator.devices.planner import DevicePlanner
-from emulator.evaluation import evaluate
 from emulator.progress import RoundProgress
 from emulator.records import (
     CLIENT_ROUND_DTYPE,
@@ -25,7 +25,7 @@ from emulator.records import (
     STATUS_OOM,
     STATUS_UNAVAILABLE,
 )
-from emulator.roles.plan import RoundPlan, assign_lpt, sample_cohort, worker_ranks
+from emulator.roles.plan import RoundPlan, sample_cohort, worker_ranks
 from emulator.trace import TraceWriter
 
 # Fields the worker that ran a client measured; everything else comes from the plan.
@@ -52,6 +52,8 @@ class _Pending:
     costs: CohortCosts
     flops: np.ndarray
     peak_bytes: np.ndarray
+    bytes_down: np.ndarray
+    bytes_up: np.ndarray
     accounting_s: float
 
 
@@ -86,20 +88,32 @@ class Server:
         self._round_start = 0.0
         self._pending: _Pending | None = None
 
-    def plan(self, round_: int) -> RoundPlan:
-        """Sample the cohort, cost it on its devices, and hand the clients that run to the ranks."""
+    def plan(self, round_: int) -> RoundPlan | None:
+        """Sample the cohort, cost it on its devices, and hand the clients that run to the ranks.
+
+        None when the algorithm has finished before ``cfg.rounds``: every rank stops.
+        """
         cfg = self.cfg
         self._round_start = time.perf_counter()
+        info = self.algorithm.begin_round(round=round_)
+        if isinstance(info, str) and info == STOP:
+            return None
         keep = min(cfg.clients_per_round, len(self.eligible))
         k = min(math.ceil(keep * cfg.overcommit), len(self.eligible))
         cohort = sample_cohort(cfg.seed, round_, self.eligible, k)
         t0 = time.perf_counter()
-        work = self.algorithm.estimate_work(num_samples=self.client_sizes[cohort])
-        costs = self.planner.plan(
-            round_, cohort, flops=work.flops, peak_bytes=work.peak_bytes,
-            payload_bytes=self.algorithm.payload_bytes(), keep=keep,
+        work = self.algorithm.estimate_work(
+            num_samples=self.client_sizes[cohort], budget_bytes=self.planner.budget_bytes(cohort)
         )
-        self._pending = _Pending(cohort, costs, work.flops, work.peak_bytes, time.perf_counter() - t0)
+        payload = self.algorithm.payload_bytes()
+        down = np.full(len(cohort), payload, np.int64) if work.bytes_down is None else work.bytes_down
+        up = np.full(len(cohort), payload, np.int64) if work.bytes_up is None else work.bytes_up
+        costs = self.planner.plan(
+            round_, cohort, flops=work.flops, peak_bytes=work.peak_bytes, bytes_down=down, bytes_up=up, keep=keep,
+        )
+        self._pending = _Pending(
+            cohort, costs, work.flops, work.peak_bytes, down, up, time.perf_counter() - t0
+        )
         runs = costs.runs
         clients = cohort[runs]
         emulated = (costs.compute_s + costs.comm_s)[runs]
@@ -107,21 +121,31 @@ class Server:
         # Balance real wall time: sample passes, or the stretched emulated time when sleeping.
         weights = emulated / cfg.devices.dilation if sleep else work.flops[runs]
         return RoundPlan(
-            round=round_, clients=clients, ranks=assign_lpt(weights, self.workers),
+            round=round_, clients=clients,
+            ranks=self.algorithm.assign(clients=clients, costs=weights, workers=self.workers),
             sleep_s=(emulated / cfg.devices.dilation) if sleep else None,
-            budget_bytes=costs.budget_bytes[runs],
+            budget_bytes=costs.budget_bytes[runs], info=info,
+            state_size=int(self.algorithm.broadcast_state().size),
         )
 
-    def finish_round(self, plan: RoundPlan, global_params: np.ndarray, summed: np.ndarray,
-                     measured: np.ndarray) -> np.ndarray:
-        """Aggregate, evaluate, append the round to the trace; returns the new global state."""
+    def finish_round(
+        self, plan: RoundPlan, summed: np.ndarray, measured: np.ndarray, extras: list[np.ndarray] | None = None
+    ) -> None:
+        """Aggregate (the algorithm's ``conclude_round``), evaluate, append the round to the trace.
+
+        ``extras``: one vector per row of ``measured`` (the order the ranks sent them in).
+        """
         cfg = self.cfg
         pending = self._pending
         assert pending is not None and pending.cohort.size >= plan.clients.size
-        new_params = self.algorithm.aggregate(
-            global_params=global_params, update_sum=summed[:-1], weight_sum=float(summed[-1])
-        )
         records = self._client_records(plan, pending, measured)
+        # The algorithm sees the extras in cohort order, beside the cohort's records.
+        cohort_extras = [np.zeros(0, np.float32) for _ in range(len(pending.cohort))]
+        if extras is not None:
+            where = np.searchsorted(pending.cohort, measured["client"])
+            for i, vec in zip(where.tolist(), extras, strict=True):
+                cohort_extras[i] = vec
+        self.algorithm.conclude_round(round=plan.round, summed=summed, records=records, extras=cohort_extras)
         self.planner.feedback(pending.cohort, pending.costs)
         status = records["status"]
         ok = status == STATUS_OK
@@ -131,8 +155,9 @@ class Server:
         r = plan.round
         acc = loss = math.nan
         if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
-            self.algorithm.flat.set(new_params)
-            acc, loss = evaluate(self.model, self.test_batches, cfg.runtime.eval_batch_size)
+            acc, loss = self.algorithm.evaluate(
+                test_batches=self.test_batches, batch_size=cfg.runtime.eval_batch_size
+            )
 
         costs = pending.costs
         self.emulated_time_s += costs.round_time_s
@@ -162,13 +187,11 @@ class Server:
         self.rows.append(row)
         self.progress.update(r, accuracy=acc, train_loss=train_loss, seconds=float(row["wall_time_s"][0]))
         self._pending = None
-        return new_params
 
     def _client_records(self, plan: RoundPlan, pending: _Pending, measured: np.ndarray) -> np.ndarray:
         """The whole cohort's rows: the plan's accounting, plus what the ranks measured."""
         cohort, costs = pending.cohort, pending.costs
         records = np.zeros(len(cohort), dtype=CLIENT_ROUND_DTYPE)
-        payload = self.algorithm.payload_bytes()
         records["round"] = plan.round
         records["client"] = cohort
         records["rank"] = -1  # not run by any rank
@@ -191,8 +214,8 @@ class Server:
         records["memory_budget_bytes"] = costs.budget_bytes
         records["cuda_peak_bytes"] = -1
         reached = costs.status != STATUS_UNAVAILABLE
-        records["bytes_down"] = np.where(reached, payload, 0)
-        records["bytes_up"] = np.where(costs.status == STATUS_OK, payload, 0)
+        records["bytes_down"] = np.where(reached, pending.bytes_down, 0)
+        records["bytes_up"] = np.where(costs.status == STATUS_OK, pending.bytes_up, 0)
         # Ranks answer in rank order; match their rows to the cohort by client id.
         measured = measured[np.argsort(measured["client"], kind="stable")]
         where = np.searchsorted(cohort, measured["client"])
