@@ -196,6 +196,43 @@ class RuntimeConfig(_Section):
 
 
 @dataclass(frozen=True)
+class StitchConfig(_Section):
+    """FedStitch (DESIGN.md §5); the choices marked inferred there are options here."""
+
+    depth: int = _opt(4, ge=1, le=64, doc="most blocks in the stitched model (the first included)")
+    score: str = _opt("cka", choices=("cka", "ncm", "probe"),
+                      doc="client score of a candidate: linear CKA vs one-hot labels, nearest-class-mean "
+                          "or ridge linear-probe accuracy on its own data")
+    weighting: str = _opt("rl", choices=("rl", "data"), doc="client weights: the RL policy, or sample counts")
+    policy: str = _opt("", doc="a policy file (safetensors) to start the RL weighting from; empty = fresh")
+    search_space: bool = _opt(True, doc="search-space optimizer after each step (off = the ablation)")
+    drop_fraction: float = _opt(0.5, ge=0.0, le=0.95, doc="drop source models ranked in this bottom share")
+    min_models: int = _opt(2, ge=1, doc="the optimizer never keeps fewer source models")
+    patience: int = _opt(1, ge=1, le=64, doc="stop after this many steps without proxy gain")
+    min_gain: float = _opt(0.0, ge=-1.0, le=1.0, doc="a step must raise the quality proxy by more than this")
+    ridge: float = _opt(1e-3, ge=0.0, le=1e3, doc="relative ridge of the stitching-layer and head fits")
+    head: str = _opt("ridge", choices=("ridge", "ncm"), doc="the federated head: ridge regression or class means")
+    batch_size: int = _opt(64, ge=1, le=65536, doc="forward batch on clients")
+    cache: bool = _opt(True, doc="keep each client's prefix features across steps (within its memory budget)")
+    cache_mib: int = _opt(1024, ge=0, doc="per-rank cap on cached features (MiB), least recently used dropped")
+    blocks_on_device: bool = _opt(False, doc="clients hold the pool already: candidate blocks cost no download")
+
+
+@dataclass(frozen=True)
+class RLConfig(_Section):
+    """The built-in REINFORCE client-weighting policy (``rl_agent``)."""
+
+    lr: float = _opt(0.01, gt=0.0, le=1.0)
+    hidden: int = _opt(32, ge=1, le=4096, doc="hidden units of the per-client policy network")
+    sigma: float = _opt(0.5, gt=0.0, le=10.0, doc="exploration: std of the Gaussian on each client's logit")
+    baseline_momentum: float = _opt(0.9, ge=0.0, le=0.999, doc="running-mean reward baseline")
+    train: bool = _opt(True, doc="update the policy during live runs")
+    max_clients: int = _opt(64, ge=1, le=100_000, doc="padded observation size (clients)")
+    max_candidates: int = _opt(64, ge=1, le=100_000, doc="padded observation size (candidate blocks)")
+    save: str = _opt("", doc="write the policy here (safetensors) at the end of a live run")
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     name: str = _opt("run", doc="run name, used in the trace file name")
     seed: int = _opt(0, ge=0, le=2**63 - 1)
@@ -210,6 +247,8 @@ class Config(_Section):
     train: TrainConfig = field(default_factory=TrainConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    stitch: StitchConfig = field(default_factory=StitchConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 

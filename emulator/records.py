@@ -129,3 +129,68 @@ NVML_SAMPLE_DTYPE = np.dtype(
         ("sm_clock_mhz", "<f4"),
     ]
 )
+
+# FedStitch (/stitch) and its client weighting (/rl): one row per step, per candidate, per client.
+STITCH_STEP_DTYPE = np.dtype(
+    [
+        ("round", "<i4"),
+        ("step", "<i2"),  # stitching step; the head round has step = -1
+        ("kind", "S8"),  # "step" (a block was chosen), "stop" (no gain: nothing appended), "head"
+        ("num_candidates", "<i2"),
+        ("num_clients", "<i4"),  # clients whose scores were used
+        ("chosen", "<i2"),  # index into this step's candidates; -1 when nothing was appended
+        ("chosen_block", "S64"),
+        ("models_before", "<i2"),  # source models left in the search space, before / after the optimizer
+        ("models_after", "<i2"),
+        ("blocks_before", "<i2"),  # blocks left in the search space, before / after the optimizer
+        ("blocks_after", "<i2"),
+        ("stitch_identity", "u1"),  # 1 when the chosen block needed no stitching layer
+        ("stitch_residual", "<f4"),  # relative residual ||XW - T||^2 / ||T - mean T||^2 of the fitted layer
+        ("proxy_before", "<f4"),  # data-weighted nearest-class-mean accuracy of the prefix, before / after
+        ("proxy_after", "<f4"),
+        ("reward", "<f4"),  # what the weighting policy was told (proxy gain; the last step: test accuracy)
+        ("depth", "<i2"),  # blocks in the stitched prefix after this step
+    ]
+)
+STITCH_CANDIDATE_DTYPE = np.dtype(
+    [
+        ("round", "<i4"),
+        ("index", "<i2"),
+        ("block", "S64"),
+        ("model", "S48"),
+        ("score", "<f4"),  # aggregated with the policy's weights (what the choice used)
+        ("data_score", "<f4"),  # aggregated with data-size weights (the "without RL" choice)
+        ("proxy", "<f4"),  # data-weighted nearest-class-mean accuracy with this candidate appended
+        ("num_scored", "<i4"),  # clients that could hold and score it
+        ("kept", "u1"),  # still in the search space after the step's optimizer
+    ]
+)
+STITCH_SCORE_DTYPE = np.dtype(
+    [("round", "<i4"), ("client", "<i4"), ("index", "<i2"), ("score", "<f4"), ("proxy", "<f4")]
+)
+STITCH_CLIENT_DTYPE = np.dtype(
+    [
+        ("round", "<i4"),
+        ("client", "<i4"),
+        ("num_samples", "<i4"),
+        ("action", "<f4"),  # the policy's raw output for this client
+        ("weight", "<f4"),  # normalised weight used in the aggregation
+        ("data_weight", "<f4"),  # normalised sample-count weight
+        ("log_samples", "<f4"),  # the observation's per-client features (StepObservation.meta)
+        ("label_entropy", "<f4"),
+        ("scored_fraction", "<f4"),
+        ("prefix_proxy", "<f4"),
+        ("score_agreement", "<f4"),
+    ]
+)
+RL_STEP_DTYPE = np.dtype(
+    [
+        ("round", "<i4"),
+        ("step", "<i2"),
+        ("policy", "S16"),  # "data", "reinforce", or a loaded policy's name
+        ("reward", "<f4"),
+        ("done", "u1"),
+        ("num_clients", "<i4"),
+        ("num_candidates", "<i2"),
+    ]
+)
