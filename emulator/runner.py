@@ -17,6 +17,7 @@ import torch
 
 from emulator import seeding
 from emulator.algorithms import create_algorithm
+from emulator.algorithms.stitch_weighting import ClientWeighting
 from emulator.batches import BatchMaker
 from emulator.comm import Comm
 from emulator.config import Config, to_toml
@@ -124,8 +125,12 @@ def clients_table(shards: ClientShards, population: Population) -> np.ndarray:
     return clients
 
 
-def run(cfg: Config, comm: Comm) -> RunSummary | None:
-    """Run the emulation on this rank; rank 0 returns the summary, other ranks None."""
+def run(cfg: Config, comm: Comm, *, weighting: ClientWeighting | None = None) -> RunSummary | None:
+    """Run the emulation on this rank; rank 0 returns the summary, other ranks None.
+
+    ``weighting``: FedStitch's client-weighting policy on rank 0 (e.g. ``rl_agent``'s); None = the
+    config's default that needs no ``rl_agent`` (data-size weights).
+    """
     started = time.perf_counter()
     threads = threads_per_rank(cfg, comm)
     torch.set_num_threads(threads)
@@ -144,6 +149,8 @@ def run(cfg: Config, comm: Comm) -> RunSummary | None:
     )
 
     is_server = comm.rank == 0
+    if weighting is not None and is_server:
+        algorithm.use_weighting(weighting)
     meter = Meter(gpu_nvml_index(str(device)))
     sampler = PowerSampler(meter, rank=comm.rank, period_s=cfg.devices.meter_period_s)
     group = None

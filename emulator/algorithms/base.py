@@ -16,6 +16,7 @@ from emulator.batches import BatchMaker
 from emulator.config import Config
 from emulator.devices.flops import FlopCache
 from emulator.devices.memory import MemoryCache, optimizer_state_factor
+from emulator.errors import UserError
 from emulator.evaluation import evaluate
 from emulator.flat import FlatModel
 from emulator.roles.plan import assign_lpt
@@ -122,6 +123,10 @@ class Algorithm:
 
     def attach_trace(self, trace: Any) -> None:
         self.trace = trace
+
+    def use_weighting(self, weighting: Any) -> None:
+        """A client-weighting policy (FedStitch only)."""
+        raise UserError(f"algorithm = {self.cfg.algorithm!r} takes no client-weighting policy (fedstitch does)")
 
     # ---- every rank ---------------------------------------------------------------------------------
     def accumulator_size(self, info: Any) -> int:
