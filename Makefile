@@ -14,8 +14,12 @@ $(STAMP): pyproject.toml setup.cfg
 	$(BIN)/python -m pip install --quiet -e '.[mpich,dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
-	$(BIN)/fedemu run examples/quickstart.toml --ranks 3
+# FedStitch and FedAvg from scratch on the same data and devices, 3 MPI ranks each, then side by side.
+QUICK := runs/quickstart
+run: $(STAMP) pool
+	$(BIN)/fedemu run examples/quickstart.toml --ranks 3 --set output.trace=$(QUICK)-fedstitch.h5 --set output.overwrite=true
+	$(BIN)/fedemu run examples/quickstart.toml --ranks 3 --set algorithm=fedavg --set output.trace=$(QUICK)-fedavg.h5 --set output.overwrite=true
+	$(BIN)/fedemu compare $(QUICK)-fedavg.h5 $(QUICK)-fedstitch.h5
 
 test: test-unit test-mpi
 

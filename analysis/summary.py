@@ -62,6 +62,8 @@ def summarize(run: Run, *, target_accuracy: float | None = None) -> dict[str, An
     - ``energy_j``: total modelled energy; ``energy_measured_j``: total measured (NVML) energy, NaN
       when the meter is ``none``
     - ``bytes_up``, ``bytes_down``: total traffic
+    - ``algorithm``: from the stored config; ``peak_memory_bytes``: the largest peak memory of a client
+      that ran (status ok); ``oom_clients``: distinct clients ever excluded for memory (status oom)
     - ``participation``: status name -> share of client-round rows (``ok``, ``oom``, ``dropped``,
       ``late``, ``unavailable``; they sum to 1; NaN when there are no rows)
     - ``energy_by_device``: device name -> ``{"modelled_j", "measured_j"}`` over its client rounds
@@ -97,8 +99,10 @@ def summarize(run: Run, *, target_accuracy: float | None = None) -> dict[str, An
             "over_budget_share": float((peak[measured] > budget[measured]).mean()) if measured.any() else math.nan,
         }
 
+    ok = cr["status_name"] == "ok"
     return {
         "run": run.name,
+        "algorithm": str(run.config.get("algorithm", "")) if isinstance(run.config, dict) else "",
         "path": str(run.path),
         "finished": run.finished,
         "meter": meter,
@@ -114,6 +118,8 @@ def summarize(run: Run, *, target_accuracy: float | None = None) -> dict[str, An
         "energy_measured_j": _measured_sum(rounds["energy_measured_j"], meter),
         "bytes_up": int(rounds["bytes_up"].sum()),
         "bytes_down": int(rounds["bytes_down"].sum()),
+        "peak_memory_bytes": int(cr.loc[ok, "peak_memory_bytes"].max()) if ok.any() else 0,
+        "oom_clients": int(cr.loc[cr["status_name"] == "oom", "client"].nunique()),
         "participation": participation,
         "energy_by_device": energy_by_device,
         "memory_by_device": memory_by_device,

@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="print the latest round of a running emulation every few seconds")
     watch.add_argument("trace")
     watch.add_argument("--interval", type=float, default=5.0, help="seconds between looks")
+    compare = sub.add_parser("compare", help="runs side by side: accuracy, memory, energy, time, traffic")
+    compare.add_argument("traces", nargs="+", help="trace files (.h5); the first is the reference")
     reproduce = sub.add_parser("reproduce", help="the seed papers' headline claims beside this emulator's")
     reproduce.add_argument("suite_dir", help="folder of traces from examples/paper-suite/")
     devices = sub.add_parser("devices", help="print the device catalogue")
@@ -77,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _devices(args)
         if args.command == "pools":
             return _pools(args)
-        if args.command in ("report", "watch", "reproduce"):
+        if args.command in ("report", "watch", "reproduce", "compare"):
             return _analysis(args)
         return _run(args)
     except UserError as err:
@@ -128,6 +130,11 @@ def _analysis(args: argparse.Namespace) -> int:
             if args.interval <= 0:
                 raise UserError(f"--interval = {args.interval}: must be > 0")
             return watch(Path(args.trace), interval_s=args.interval)
+        elif args.command == "compare":
+            from analysis.compare import compare_table
+            from analysis.read import open_many
+
+            print(compare_table(open_many([Path(t) for t in args.traces])).to_string())
         else:
             from analysis.reproduce import reproduce
 

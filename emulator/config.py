@@ -200,6 +200,10 @@ class StitchConfig(_Section):
     """FedStitch (DESIGN.md §5); the choices marked inferred there are options here."""
 
     depth: int = _opt(4, ge=1, le=64, doc="most blocks in the stitched model (the first included)")
+    order: str = _opt("position", choices=("position", "any"),
+                      doc="step k's candidates: the k-th block of each source model (position), or any block "
+                          "the join rule allows after the last one (any)")
+    head_rounds: int = _opt(3, ge=1, le=1000, doc="rounds whose clients' statistics are summed for the head")
     score: str = _opt("cka", choices=("cka", "ncm", "probe"),
                       doc="client score of a candidate: linear CKA vs one-hot labels, nearest-class-mean "
                           "or ridge linear-probe accuracy on its own data")

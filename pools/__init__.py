@@ -15,8 +15,8 @@ _EXPORTS = {
     "pools.info": ("BlockInfo", "Signature"),
     "pools.pretrain": ("linear_probe", "pretrain_pool"),
     "pools.sources": ("SOURCES", "build_pool", "create_pool", "create_timm", "get_source", "register_source"),
-    "pools.stitch": ("JoinCost", "Stitch", "Stitched", "can_join", "join_cost", "join_matrix", "make_stitch",
-                     "stitched"),
+    "pools.stitch": ("JoinCost", "Stitch", "Stitched", "can_join", "fit_residual", "fit_rows", "join_cost",
+                     "join_matrix", "make_stitch", "set_linear", "solve_linear", "stitched"),
     "pools.store": ("SCHEMA_VERSION", "Pool", "write_pool"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

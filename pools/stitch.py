@@ -222,3 +222,85 @@ def join_matrix(infos: Sequence[BlockInfo], input_size: int) -> np.ndarray:
         for j, b in enumerate(infos):
             out[i, j] = can_join(a, b, input_size)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Closed-form fitting: the channel map is linear per position, so it can be fitted by least squares from
+# sums (X^T X, X^T T) that clients compute on their own data and the server adds up.
+
+
+def fit_rows(stitch: Stitch, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position rows the channel map sees and the rows it should produce, on one grid.
+
+    ``x``: the previous block's output (``stitch.src``); ``target``: what the next block's own model feeds
+    it (``stitch.dst``), e.g. its preceding blocks run on the same images. Returns ``(X [P, c_in + 1], T
+    [P, c_out])`` with a ones column in ``X`` (the bias / BatchNorm shift). Prefix tokens are left out:
+    the fit uses the patch grid. When the map runs on the coarser source grid (upsampling after it), the
+    target is average-pooled to that grid, which is the least-squares answer for a nearest upsample.
+    """
+    if stitch.src.kind == "tokens":
+        x = _tokens_to_grid(x[:, stitch.src.prefix_tokens :])
+    if stitch.down > 1:
+        x = F.avg_pool2d(x, stitch.down)
+    if stitch.dst.kind == "tokens":
+        target = _tokens_to_grid(target[:, stitch.dst.prefix_tokens :])
+    if stitch.up > 1:
+        target = F.avg_pool2d(target, stitch.up)
+    if x.shape[-2:] != target.shape[-2:]:
+        raise PoolError(f"stitch fit: grids differ ({tuple(x.shape[-2:])} vs {tuple(target.shape[-2:])})")
+    rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
+    return torch.cat([rows, ones], dim=1), target.permute(0, 2, 3, 1).reshape(-1, target.shape[1])
+
+
+def solve_linear(xtx: np.ndarray, xty: np.ndarray, ridge: float) -> np.ndarray:
+    """Ridge least squares ``(X^T X + lam I)^-1 X^T Y`` with ``lam = ridge * trace(X^T X) / dim``.
+
+    The bias row (last) is not penalised. Float64; a singular system falls back to least squares.
+    """
+    a = np.asarray(xtx, dtype=np.float64)
+    dim = a.shape[0]
+    lam = ridge * float(np.trace(a[:-1, :-1])) / max(dim - 1, 1)
+    reg = np.eye(dim) * lam
+    reg[-1, -1] = 0.0
+    try:
+        return np.linalg.solve(a + reg, np.asarray(xty, dtype=np.float64))
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(a + reg, np.asarray(xty, dtype=np.float64), rcond=None)[0]
+
+
+def set_linear(stitch: Stitch, weights: np.ndarray) -> None:
+    """Load a fitted ``[c_in + 1, c_out]`` map (last row = bias) into the stitching layer (eval mode).
+
+    Map outputs: the 1x1 conv takes the matrix and the BatchNorm becomes an exact identity plus the
+    bias (running mean 0, running var 1 - eps, scale 1). Token outputs: the Linear takes both.
+    """
+    w = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+    c_in, c_out = stitch.src.channels, stitch.dst.channels
+    if tuple(w.shape) != (c_in + 1, c_out):
+        raise PoolError(f"stitch weights have shape {tuple(w.shape)}, expected ({c_in + 1}, {c_out})")
+    with torch.no_grad():
+        if isinstance(stitch.proj, nn.Conv2d):
+            assert isinstance(stitch.norm, nn.BatchNorm2d)
+            stitch.proj.weight.copy_(w[:-1].T.reshape(c_out, c_in, 1, 1))
+            stitch.norm.running_mean.zero_()
+            stitch.norm.running_var.fill_(1.0 - stitch.norm.eps)
+            stitch.norm.weight.fill_(1.0)
+            stitch.norm.bias.copy_(w[-1])
+        else:
+            assert isinstance(stitch.proj, nn.Linear)
+            stitch.proj.weight.copy_(w[:-1].T)
+            stitch.proj.bias.copy_(w[-1])
+    stitch.eval()
+
+
+def fit_residual(xtx: np.ndarray, xty: np.ndarray, tt: float, t_sum: np.ndarray, weights: np.ndarray) -> float:
+    """Relative residual ``||XW - T||^2 / ||T - mean(T)||^2`` from the sums alone.
+
+    ``tt`` = sum of squares of T, ``t_sum`` = column sums of T; the row count is ``xtx[-1, -1]`` (ones column).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    rss = tt - 2.0 * float(np.sum(w * xty)) + float(np.sum(w * (xtx @ w)))
+    count = float(xtx[-1, -1])
+    total = tt - float(np.sum(np.asarray(t_sum, dtype=np.float64) ** 2)) / max(count, 1.0)
+    return float(max(rss, 0.0) / total) if total > 0 else float("nan")

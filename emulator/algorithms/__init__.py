@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from emulator.algorithms import fedavg  # noqa: F401  (registers "fedavg")
+from emulator.algorithms import fedstitch  # noqa: F401  (registers "fedstitch")
 from emulator.algorithms.base import Algorithm, ClientResult, ClientTask
 from emulator.algorithms.registry import ALGORITHMS, register_algorithm
 

@@ -90,6 +90,7 @@ class Algorithm:
         self._memory: MemoryCache | None = None
         self.global_params = flat.get()  # the server's model state (identical on every rank at start)
         self.trace: Any = None
+        self.cohort: np.ndarray | None = None  # rank 0: the round's sampled clients, set before estimate_work
 
     # ---- rank 0 -------------------------------------------------------------------------------------
     def begin_round(self, *, round: int) -> Any:
@@ -116,6 +117,10 @@ class Algorithm:
         """(accuracy, loss) of the current global model on the held-out set."""
         self.flat.set(self.global_params)
         return evaluate(self.model, test_batches, batch_size)
+
+    def wants_evaluation(self) -> bool:
+        """Evaluate this round whatever ``eval_every`` says (e.g. a final model was just built)."""
+        return False
 
     def trace_layout(self) -> dict[str, np.dtype]:
         """Extendable trace datasets this algorithm appends to ("group/name" -> row dtype)."""

@@ -102,6 +102,7 @@ class Server:
         k = min(math.ceil(keep * cfg.overcommit), len(self.eligible))
         cohort = sample_cohort(cfg.seed, round_, self.eligible, k)
         t0 = time.perf_counter()
+        self.algorithm.cohort = cohort
         work = self.algorithm.estimate_work(
             num_samples=self.client_sizes[cohort], budget_bytes=self.planner.budget_bytes(cohort)
         )
@@ -154,7 +155,7 @@ class Server:
 
         r = plan.round
         acc = loss = math.nan
-        if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
+        if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds or self.algorithm.wants_evaluation():
             acc, loss = self.algorithm.evaluate(
                 test_batches=self.test_batches, batch_size=cfg.runtime.eval_batch_size
             )
