@@ -31,7 +31,7 @@ def test_watch_a_finished_run_prints_its_last_round(small_traces: list[Path]) ->
 
 def test_watch_follows_a_live_run(tmp_path: Path) -> None:
     trace = tmp_path / "live.h5"
-    cmd = [sys.executable, "-m", "emulator", "run", str(REPO / "examples" / "quickstart.toml"), "--set", "rounds=6",
+    cmd = [sys.executable, "-m", "emulator", "run", str(REPO / "examples" / "fedavg-digits.toml"), "--set", "rounds=6",
            "--set", "runtime.progress=none", "--set", f"output.trace={trace}", "--set", "runtime.threads=1"]
     proc = subprocess.Popen(cmd, env=fedemu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

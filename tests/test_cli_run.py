@@ -17,12 +17,12 @@ def test_batch_log_gets_one_line_per_round_then_the_summary(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     trace = tmp_path / "t.h5"
-    code = main(["run", str(REPO / "examples" / "quickstart.toml"), "--set", "rounds=3",
+    code = main(["run", str(REPO / "examples" / "fedavg-digits.toml"), "--set", "rounds=3",
                  "--set", "runtime.progress=lines", "--set", f"output.trace={trace}"])
     out = capsys.readouterr().out.splitlines()
     assert code == 0
     assert [line.split()[1] for line in out if line.startswith("round ")] == ["1/3", "2/3", "3/3"]
-    assert any(line.startswith("fedemu: quickstart: fedavg on digits, 3 rounds") for line in out)
+    assert any(line.startswith("fedemu: fedavg-digits: fedavg on digits, 3 rounds") for line in out)
     assert out[-1] == f"trace: {trace}"
     assert trace.is_file()
 
@@ -42,7 +42,7 @@ def test_quickstart_on_three_ranks_learns_digits(tmp_path: Path) -> None:
     """What `make run` does, with the trace redirected."""
     trace = tmp_path / "q.h5"
     proc = subprocess.run(
-        [sys.executable, "-m", "emulator", "run", str(REPO / "examples" / "quickstart.toml"), "--ranks", "3",
+        [sys.executable, "-m", "emulator", "run", str(REPO / "examples" / "fedavg-digits.toml"), "--ranks", "3",
          "--set", f"output.trace={trace}"],
         capture_output=True, text=True, env=fedemu_env(), timeout=600,
     )

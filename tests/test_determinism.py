@@ -26,7 +26,7 @@ RTOL = 1e-5
 
 
 def _run(ranks: int, trace: Path) -> None:
-    args = ["-m", "emulator", "run", str(REPO / "examples" / "quickstart.toml")]
+    args = ["-m", "emulator", "run", str(REPO / "examples" / "fedavg-digits.toml")]
     for s in [*SETTINGS, f"output.trace={trace}"]:
         args += ["--set", s]
     if ranks == 4:  # launched by hand, as a cluster user would

@@ -25,7 +25,7 @@ def _rounds_so_far(path: Path) -> int:
 
 def test_sigkill_mid_run_keeps_finished_rounds(tmp_path: Path) -> None:
     trace = tmp_path / "killed.h5"
-    cmd = [sys.executable, "-m", "emulator", "run", str(REPO / "examples" / "quickstart.toml")]
+    cmd = [sys.executable, "-m", "emulator", "run", str(REPO / "examples" / "fedavg-digits.toml")]
     for s in ["rounds=100000", "runtime.progress=lines", "runtime.threads=1", f"output.trace={trace}",
               "data.partition.num_clients=20", "clients_per_round=3"]:
         cmd += ["--set", s]
