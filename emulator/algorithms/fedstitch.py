@@ -26,6 +26,7 @@ candidate score in the step), and re-downloading blocks each step unless ``block
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -287,7 +288,7 @@ class FedStitch(Algorithm):
         key = state.tobytes()
         if self._joint_cache is not None and self._joint_cache[0] == prefix and self._joint_cache[1] == key:
             return self._joint_cache[2]
-        joints = [self._stitch(a, b) for a, b in zip(prefix[:-1], prefix[1:], strict=True)]
+        joints = [self._stitch(a, b) for a, b in itertools.pairwise(prefix)]
         _unflatten(joints, state)
         self._joint_cache = (prefix, key, joints)
         return joints
