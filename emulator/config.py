@@ -237,6 +237,94 @@ class RLConfig(_Section):
 
 
 @dataclass(frozen=True)
+class ProFLConfig(_Section):
+    """ProFL (arXiv 2404.13349), progressive block-wise training; inferred parts are options.
+
+    See docs/algorithms-profl.md.
+    """
+
+    shrinking: str = _opt("paper", choices=("paper", "none"),
+                          doc="shrinking stage (back to front, initialises blocks and output modules) or none")
+    shrink_rounds: int = _opt(2, ge=1, le=100_000, doc="rounds per block in the shrinking stage")
+    num_blocks: int = _opt(4, ge=0, le=64, doc="merge front stages into at most this many blocks; 0 = one per stage")
+    window: int = _opt(5, ge=1, le=1000, doc="W: updates of a block the effective movement looks back over")
+    threshold: float = _opt(0.15, gt=0.0, le=1.0, doc="tau: a block freezes when its effective movement stays below it")
+    patience: int = _opt(2, ge=1, le=1000, doc="consecutive checks below the threshold before a block freezes")
+    metric: str = _opt("block", choices=("block", "layer_mean"),
+                       doc="effective movement over the block as one vector, or the mean over its tensors")
+    min_rounds_per_block: int = _opt(5, ge=1, le=1_000_000, doc="growing stage: rounds before a block may freeze")
+    max_rounds_per_block: int = _opt(40, ge=1, le=1_000_000, doc="growing stage: freeze a block after this many rounds")
+    output_width: int = _opt(0, ge=0, le=65536, doc="channels of the output modules' conv; 0 = the model's final width")
+    download_prefix: bool = _opt(True, doc="clients download the frozen prefix each round (they keep nothing)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_rounds_per_block < self.min_rounds_per_block:
+            raise ConfigError(
+                "max_rounds_per_block", self.max_rounds_per_block,
+                f"must be >= profl.min_rounds_per_block = {self.min_rounds_per_block}",
+            )
+
+
+@dataclass(frozen=True)
+class FedPEFTConfig(_Section):
+    """FedPEFT (arXiv 2210.01708): a frozen backbone fine-tuned through a small trainable subset.
+
+    See docs/algorithms-fedpeft-raffm.md.
+    """
+
+    variant: str = _opt("bias", choices=("bias", "adapter", "prompt", "head", "full", "scratch"),
+                        doc="what trains: biases+head, adapters+head, deep prompts+head, the head, "
+                            "everything (full fine-tune), or everything from random init (scratch)")
+    adapter_reduction: int = _opt(8, ge=1, le=4096, doc="adapter bottleneck: d -> d/reduction -> d")
+    prompt_tokens: int = _opt(10, ge=1, le=1024, doc="learnable prompt tokens per layer (deep VPT)")
+    prompt_dropout: float = _opt(0.1, ge=0.0, le=0.9, doc="dropout on the prompt tokens while training")
+    dp: bool = _opt(False, doc="sample-level DP-SGD on clients (needs the 'dp' extra: opacus)")
+    epsilon: float = _opt(5.0, gt=0.0, le=1000.0, doc="DP target epsilon")
+    delta: float = _opt(1e-3, gt=0.0, le=0.5, doc="DP target delta")
+    clip: float = _opt(1.0, gt=0.0, le=1e6, doc="per-sample gradient L2 clip norm")
+    accountant: str = _opt("rdp", choices=("rdp", "prv"), doc="opacus accountant for the noise multiplier")
+    faithful_to_code: bool = _opt(False, doc="the authors' code: one shared adapter; DP noise without clipping")
+
+
+@dataclass(frozen=True)
+class RaFFMConfig(_Section):
+    """RaFFM (arXiv 2310.00247): salient parameter prioritisation + budget-fitted ViT subnetworks.
+
+    See docs/algorithms-fedpeft-raffm.md.
+    """
+
+    mlp_ratios: tuple[float, ...] = _opt((0.25, 0.5, 0.75, 1.0), ge=1,
+                                         doc="elastic MLP hidden widths, fractions of the full hidden size")
+    head_ratios: tuple[float, ...] = _opt((0.5, 0.75, 1.0), ge=1,
+                                          doc="elastic per-head Q/K/V dimension, fractions of the head dim "
+                                              "(every head is kept)")
+    spp: bool = _opt(True, doc="salient parameter prioritisation every round (off = the ablation)")
+    eval_sizes: bool = _opt(True, doc="at the last round, test every ladder size into raffm/eval")
+    faithful_to_code: bool = _opt(False, doc="the authors' code: random per-layer sizes, first client full, "
+                                             "average divided by every client's weight")
+
+    def __post_init__(self) -> None:
+        for key in ("mlp_ratios", "head_ratios"):
+            object.__setattr__(self, key, self._ratios(key, getattr(self, key)))
+        super().__post_init__()
+
+    @staticmethod
+    def _ratios(key: str, value: Any) -> tuple[float, ...]:
+        """Ratios in (0, 1], sorted and deduplicated; accepts ``--set k=0.5,1`` and TOML ints."""
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ConfigError(key, value, "must be a non-empty list of numbers in (0, 1]")
+        try:
+            ratios = [float(v) for v in items if not isinstance(v, bool)]
+        except (TypeError, ValueError):
+            raise ConfigError(key, list(items), "must be a non-empty list of numbers in (0, 1]") from None
+        if len(ratios) != len(items) or not all(0.0 < r <= 1.0 for r in ratios):
+            raise ConfigError(key, list(items), "must be a non-empty list of numbers in (0, 1]")
+        return tuple(sorted(set(ratios)))
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     name: str = _opt("run", doc="run name, used in the trace file name")
     seed: int = _opt(0, ge=0, le=2**63 - 1)
@@ -253,6 +341,9 @@ class Config(_Section):
     pool: PoolConfig = field(default_factory=PoolConfig)
     stitch: StitchConfig = field(default_factory=StitchConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    profl: ProFLConfig = field(default_factory=ProFLConfig)
+    fedpeft: FedPEFTConfig = field(default_factory=FedPEFTConfig)
+    raffm: RaFFMConfig = field(default_factory=RaFFMConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
