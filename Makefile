@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fedemu-installed
 # Outer bound for each MPI test session: a hang becomes a failure, never a stuck CI.
 MPI_TEST_TIMEOUT ?= 900
 
-.PHONY: run test test-unit test-mpi test-slow bench lint clean pool
+.PHONY: run test test-unit test-mpi test-slurm test-slow bench lint clean pool
 
 $(STAMP): pyproject.toml setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ run: $(STAMP) pool
 	$(BIN)/fedemu run examples/quickstart.toml --ranks 3 --set algorithm=fedavg --set output.trace=$(QUICK)-fedavg.h5 --set output.overwrite=true
 	$(BIN)/fedemu compare $(QUICK)-fedavg.h5 $(QUICK)-fedstitch.h5
 
-test: test-unit test-mpi
+test: test-unit test-mpi test-slurm
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -30,6 +30,12 @@ test-unit: $(STAMP)
 test-mpi: $(STAMP)
 	timeout $(MPI_TEST_TIMEOUT) $(BIN)/mpiexec -n 1 $(BIN)/python -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi
 	timeout $(MPI_TEST_TIMEOUT) $(BIN)/mpiexec -n 4 $(BIN)/python -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi
+
+# Real Slurm on this machine: slurm/local_cluster.sh starts a one-node cluster (as root: it installs
+# slurm-wlm and munge if missing), the tests submit jobs, a job array and a requeue, then stop it.
+# Without root the tests skip.
+test-slurm: $(STAMP)
+	$(BIN)/python -m pytest -q --runslow tests/test_slurm_cluster.py
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q --runslow -m slow

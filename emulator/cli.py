@@ -20,6 +20,8 @@ import numpy as np
 
 from emulator.errors import UserError
 from pools.errors import PoolError
+from rl_agent import commands as rl_commands
+from slurm import commands as slurm_commands
 
 if TYPE_CHECKING:
     from emulator.config import Config
@@ -67,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     devices = sub.add_parser("devices", help="print the device catalogue")
     devices.add_argument("--catalogue", default="builtin", help="'builtin' or a catalogue TOML file")
     devices.add_argument("--extra", action="append", default=[], help="a TOML file of more devices")
+    slurm_commands.add_parser(sub)
+    rl_commands.add_parser(sub)
     return parser
 
 
@@ -81,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _pools(args)
         if args.command in ("report", "watch", "reproduce", "compare"):
             return _analysis(args)
+        if args.command == "slurm":
+            return slurm_commands.main(args)
+        if args.command == "rl":
+            return rl_commands.main(args)
         return _run(args)
     except UserError as err:
         _error(str(err))
@@ -185,7 +193,7 @@ def _run(args: argparse.Namespace) -> int:
     comm = make_comm()
     if args.ranks and args.ranks != comm.size:
         raise UserError(f"--ranks = {args.ranks} but the launcher started {comm.size} ranks")
-    summary = run(cfg, comm)
+    summary = run(cfg, comm, weighting=rl_commands.weighting_for(cfg, comm.rank))
     if summary is not None:
         print(format_summary(cfg, summary), flush=True)
     return 0

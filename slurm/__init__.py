@@ -1,4 +1,6 @@
-"""sbatch templates, render / submit / sweep, requeue and resume.
+"""Slurm: sbatch scripts rendered from a template, submitted, and swept as job arrays; requeue + resume.
 
-Filled in by the Slurm issue; it may import ``emulator``.
+``fedemu slurm render|submit|sweep`` (``slurm/commands.py``); ``slurm/local_cluster.sh`` starts a
+one-node cluster for tests. May import ``emulator`` (config loading and validation), never ``rl_agent``
+or ``analysis``.
 """

@@ -1,0 +1,1 @@
+"""sbatch templates (data files; a package only so that setuptools ships them with ``slurm``)."""
