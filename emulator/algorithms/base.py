@@ -129,6 +129,21 @@ class Algorithm:
     def attach_trace(self, trace: Any) -> None:
         self.trace = trace
 
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Rank 0's state after a concluded round, for a checkpoint (``emulator/checkpoint.py``).
+
+        Arrays go into a safetensors file, the dict into JSON (plain str/int/float/bool/None, lists and
+        dicts of them; no pickle). Together they must let a fresh instance built from the same config
+        continue exactly as this one would: ``load_state_dict(*state_dict())`` then the next
+        ``begin_round``. Worker-side caches that are rebuilt on a miss need not be saved.
+        Default (FedAvg-like): the global flat state.
+        """
+        return {"global_params": self.global_params}, {}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (on rank 0, before the first resumed round)."""
+        self.global_params = np.ascontiguousarray(arrays["global_params"], dtype=np.float32)
+
     def use_weighting(self, weighting: Any) -> None:
         """A client-weighting policy (FedStitch only)."""
         raise UserError(f"algorithm = {self.cfg.algorithm!r} takes no client-weighting policy (fedstitch does)")
