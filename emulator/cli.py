@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an emulation and print its summary")
     config_args(run)
     run.add_argument("--ranks", type=int, default=None, help="MPI ranks to launch (rank 0 is the server)")
+    run.add_argument(
+        "--resume", metavar="RUN", default=None,
+        help="continue a stopped or killed run from its newest checkpoint: its trace (.h5), its .ckpt folder or "
+             "its run folder. CONFIG may be left out (the run's own is used); --set may change rounds, output.*, "
+             "runtime.* and checkpoint.*, nothing that changes what is computed",
+    )
     validate = sub.add_parser("validate", help="check a config (and its data files) without running it")
     config_args(validate)
     pools = sub.add_parser("pools", help="pre-trained block pools: build, pretrain, show, probe")
@@ -96,6 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PoolError as err:
         _error(str(err))
         return PoolError.EXIT_CODE
+    except Exception as err:
+        from emulator.comm import RankFailedError
+
+        if not isinstance(err, RankFailedError):
+            raise
+        # The failing rank printed its own traceback; rank 0's would only show where it was waiting.
+        _error(f"{err} (recorded in the trace's /events)")
+        return 1
 
 
 def _error(message: str) -> None:
@@ -179,12 +193,56 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_config(args: argparse.Namespace) -> Config | None:
+    """The config of a ``--resume``d run, checked against its checkpoint; None = nothing left to run."""
+    import dataclasses
+    import tomllib
+
+    from emulator import checkpoint
+    from emulator.config import apply_overrides, config_from_dict, load_config, to_toml
+    from emulator.data import check_dataset
+    from emulator.devices import check_devices
+    from emulator.trace import open_trace
+
+    trace = checkpoint.resolve_resume(Path(args.resume))
+    newest = checkpoint.peek(checkpoint.checkpoint_dir(trace))
+    if newest is None:
+        if trace.exists():
+            with open_trace(trace) as f:
+                done = f["rounds/table"].shape[0]
+            if done:
+                raise UserError(f"--resume {args.resume}: {trace} has {done} rounds but no checkpoint in "
+                                f"{checkpoint.checkpoint_dir(trace)} (checkpoint.every = 0?); run it again afresh")
+        if not args.config:
+            raise UserError(f"--resume {args.resume}: no checkpoint yet; give the CONFIG to start the run")
+        cfg = load_config(args.config, args.overrides)  # killed before its first round ended: start over
+    else:
+        path, meta = newest
+        saved = str(meta["config"])
+        cfg = (load_config(args.config, args.overrides) if args.config
+               else config_from_dict(apply_overrides(tomllib.loads(saved), args.overrides)))
+        for key, old, new in checkpoint.config_differences(saved, tomllib.loads(to_toml(cfg))):
+            raise UserError(f"--resume: {key} = {new!r} differs from the checkpointed run's {old!r} ({path}); "
+                            "leave CONFIG out to resume with the run's own config")
+        if int(meta["round"]) + 1 >= cfg.rounds:
+            print(f"fedemu: {trace} already has all {cfg.rounds} rounds; raise rounds (--set rounds=N) to go on",
+                  file=sys.stderr, flush=True)
+            return None
+    check_dataset(cfg.data.dataset, root=Path(cfg.data.root))
+    check_devices(cfg)
+    return dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, trace=str(trace), overwrite=True))
+
+
 def _run(args: argparse.Namespace) -> int:
     from emulator.comm import launched_under_mpi, make_comm
+    from emulator.stopping import EXIT_INTERRUPTED
 
     if args.ranks is not None and args.ranks < 1:
         raise UserError(f"--ranks = {args.ranks}: must be >= 1")
-    cfg = _load_checked(args)
+    resume = args.resume is not None
+    cfg = _resume_config(args) if resume else _load_checked(args)
+    if cfg is None:
+        return 0
     if args.ranks and args.ranks > 1 and not launched_under_mpi():
         return _launch(args)
 
@@ -193,9 +251,14 @@ def _run(args: argparse.Namespace) -> int:
     comm = make_comm()
     if args.ranks and args.ranks != comm.size:
         raise UserError(f"--ranks = {args.ranks} but the launcher started {comm.size} ranks")
-    summary = run(cfg, comm, weighting=rl_commands.weighting_for(cfg, comm.rank))
+    summary = run(cfg, comm, weighting=rl_commands.weighting_for(cfg, comm.rank), resume=resume)
     if summary is not None:
         print(format_summary(cfg, summary), flush=True)
+        if summary.stopped_by:
+            done = len(summary.rounds)
+            print(f"fedemu: stopped by {summary.stopped_by} after {done} of {cfg.rounds} rounds (checkpointed); "
+                  f"continue with: fedemu run --resume {summary.trace_path}", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
     return 0
 
 
@@ -215,6 +278,8 @@ def _launch(args: argparse.Namespace) -> int:
         cmd.append(args.config)
     for item in args.overrides:
         cmd += ["--set", item]
+    if args.resume is not None:
+        cmd += ["--resume", args.resume]
     return subprocess.call(cmd)
 
 

@@ -24,6 +24,19 @@ T = TypeVar("T")
 CHUNK_BYTES = 1 << 30
 
 _MPI_ENV_VARS = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+# Point-to-point tag of a worker's "I failed" note to rank 0 (no collective uses tags).
+FAILURE_TAG = 7301
+# How long a failed worker waits for rank 0 to record its message and end the job.
+FAILURE_GRACE_S = 10.0
+
+
+class RankFailedError(RuntimeError):
+    """Raised on rank 0 (inside a wait) when another rank reported that it failed."""
+
+    def __init__(self, rank: int, message: str) -> None:
+        super().__init__(f"rank {rank} failed: {message}")
+        self.rank = rank
+        self.message = message
 
 
 class Comm(Protocol):
@@ -45,6 +58,8 @@ class Comm(Protocol):
     def node_share(self, make: Callable[[], T]) -> T: ...
     def hosts(self) -> list[str]: ...
     def library(self) -> str: ...
+    def report_failure(self, message: str) -> None: ...
+    def abort(self, code: int) -> None: ...
 
 
 def launched_under_mpi() -> bool:
@@ -96,6 +111,13 @@ class SingleComm:
     def library(self) -> str:
         return "none (single process)"
 
+    def report_failure(self, message: str) -> None:
+        return None  # the one process records its own error
+
+    def abort(self, code: int) -> None:
+        sys.stderr.flush()
+        os._exit(code)
+
 
 def _bytes_view(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
@@ -117,8 +139,7 @@ class MPIComm:
         self._windows: list[Any] = []  # shared windows must outlive the arrays viewing them
 
     # -- waiting -----------------------------------------------------------------
-    @staticmethod
-    def _wait(request: Any) -> None:
+    def _wait(self, request: Any) -> None:
         # Spin briefly (collectives are usually quick), then back off to sleeping.
         deadline = time.perf_counter() + 2e-4
         while time.perf_counter() < deadline:
@@ -128,6 +149,35 @@ class MPIComm:
         while not request.Test():
             time.sleep(pause)
             pause = min(pause * 2, 2e-3)
+            if self.rank == 0:
+                self._check_failures()
+
+    def _check_failures(self) -> None:
+        """Rank 0, while it waits: a worker that failed sent a note; raise it here (then the job ends)."""
+        status = self._MPI.Status()
+        if self._comm.Iprobe(source=self._MPI.ANY_SOURCE, tag=FAILURE_TAG, status=status):
+            source = status.Get_source()
+            message = self._comm.recv(source=source, tag=FAILURE_TAG)
+            raise RankFailedError(source, str(message))
+
+    def report_failure(self, message: str) -> None:
+        """A worker that is about to fail tells rank 0 (pickled: one small message), then gives it time.
+
+        Rank 0 records the message in the trace's ``/events`` and aborts the job; if it does not
+        within ``FAILURE_GRACE_S`` (it may be hung itself), this returns and the caller's exception
+        aborts the job through ``python -m mpi4py``.
+        """
+        if self.rank == 0:
+            return
+        request = self._comm.isend(message, dest=0, tag=FAILURE_TAG)
+        deadline = time.monotonic() + FAILURE_GRACE_S
+        while time.monotonic() < deadline:
+            request.Test()
+            time.sleep(0.01)
+
+    def abort(self, code: int) -> None:
+        sys.stderr.flush()
+        self._comm.Abort(code)
 
     # -- pickled control messages --------------------------------------------------
     def bcast(self, obj: Any, root: int = 0) -> Any:

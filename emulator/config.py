@@ -189,10 +189,21 @@ class OutputConfig(_Section):
 
 
 @dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    """Round-boundary checkpoints beside the trace (``<trace>.ckpt/``), for ``fedemu run --resume``."""
+
+    every: int = _opt(1, ge=0, le=1_000_000, doc="checkpoint after every this many rounds (and on a stop "
+                                                 "signal and at the end); 0 = never")
+    keep: int = _opt(2, ge=1, le=1000, doc="newest checkpoints kept; older ones are deleted")
+
+
+@dataclass(frozen=True)
 class RuntimeConfig(_Section):
     threads: int = _opt(0, ge=0, le=1024, doc="torch threads per rank; 0 = cores / ranks on node")
     progress: str = _opt("auto", choices=("auto", "bar", "lines", "none"))
     eval_batch_size: int = _opt(512, ge=1, le=65536)
+    round_timeout_s: float = _opt(0.0, ge=0.0, le=1e7, doc="watchdog: a round running longer dumps every "
+                                                           "rank's stack and aborts the job; 0 = off")
 
 
 @dataclass(frozen=True)
@@ -345,6 +356,7 @@ class Config(_Section):
     fedpeft: FedPEFTConfig = field(default_factory=FedPEFTConfig)
     raffm: RaFFMConfig = field(default_factory=RaFFMConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:

@@ -32,6 +32,13 @@ class RoundProgress:
                 flush=True,
             )
 
+    def skip(self, done: int) -> None:
+        """A resumed run: ``done`` rounds were finished by an earlier start."""
+        if self._bar is not None:
+            self._bar.update(done)
+        elif self.mode == "lines":
+            print(f"resuming at round {done + 1}/{self.total}", file=sys.stdout, flush=True)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

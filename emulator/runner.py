@@ -9,17 +9,18 @@ import os
 import platform
 import sys
 import time
+import traceback
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from emulator import seeding
+from emulator import checkpoint, faults, seeding
 from emulator.algorithms import create_algorithm
 from emulator.algorithms.stitch_weighting import ClientWeighting
 from emulator.batches import BatchMaker
-from emulator.comm import Comm
+from emulator.comm import Comm, RankFailedError
 from emulator.config import Config, to_toml
 from emulator.data import ArrayDataset, ClientShards, check_dataset, load_dataset, partition
 from emulator.devices import configured_catalogue
@@ -35,7 +36,9 @@ from emulator.records import CLIENT_DTYPE, CLIENT_ROUND_DTYPE, NVML_SAMPLE_DTYPE
 from emulator.roles.client_group import ClientGroup
 from emulator.roles.plan import worker_ranks
 from emulator.roles.server import RunSummary, Server
+from emulator.stopping import RoundAbandonedError, StopSignals
 from emulator.trace import TraceWriter
+from emulator.watchdog import Watchdog
 
 PACKAGES = ("fedemu", "torch", "torchvision", "timm", "numpy", "h5py", "mpi4py", "gymnasium")
 
@@ -125,11 +128,18 @@ def clients_table(shards: ClientShards, population: Population) -> np.ndarray:
     return clients
 
 
-def run(cfg: Config, comm: Comm, *, weighting: ClientWeighting | None = None) -> RunSummary | None:
+INTERRUPTED = "interrupted"  # the plan's value when rank 0 stops at a round boundary on a signal
+
+
+def run(
+    cfg: Config, comm: Comm, *, weighting: ClientWeighting | None = None, resume: bool = False
+) -> RunSummary | None:
     """Run the emulation on this rank; rank 0 returns the summary, other ranks None.
 
     ``weighting``: FedStitch's client-weighting policy on rank 0 (e.g. ``rl_agent``'s); None = the
     config's default that needs no ``rl_agent`` (data-size weights).
+    ``resume``: continue the trace at ``output.trace`` from the newest checkpoint beside it (a
+    fresh start when there is none yet).
     """
     started = time.perf_counter()
     threads = threads_per_rank(cfg, comm)
@@ -171,13 +181,24 @@ def run(cfg: Config, comm: Comm, *, weighting: ClientWeighting | None = None) ->
             gpus=json.dumps(gpus), gpu_sharing=json.dumps(shared_gpu_ranks(gpus)),
             meter="nvml" if sampling else "none", catalogue=catalogue_text(catalogue), device=str(device),
         )
-        trace = TraceWriter(
-            trace_path(cfg), attrs=attrs, clients=clients_table(shards, population),
-            label_counts=shards.label_counts(data.y_train, data.num_classes), devices=device_table(catalogue),
-            overwrite=cfg.output.overwrite, cohort_size=math.ceil(cfg.clients_per_round * cfg.overcommit),
-            tables=algorithm.trace_layout(),
-        )
-        trace.event("start", f"{cfg.algorithm} on {cfg.data.dataset}: {cfg.rounds} rounds, {comm.size} ranks")
+        path = trace_path(cfg)
+        saved = checkpoint.latest(checkpoint.checkpoint_dir(path)) if resume else None
+        if saved is None:
+            trace = TraceWriter(
+                path, attrs=attrs, clients=clients_table(shards, population),
+                label_counts=shards.label_counts(data.y_train, data.num_classes), devices=device_table(catalogue),
+                overwrite=cfg.output.overwrite or resume, cohort_size=math.ceil(cfg.clients_per_round * cfg.overcommit),
+                tables=algorithm.trace_layout(),
+            )
+            trace.event("start", f"{cfg.algorithm} on {cfg.data.dataset}: {cfg.rounds} rounds, {comm.size} ranks")
+        else:
+            attrs.pop("started_at")
+            attrs["resumes"] = int(saved.meta.get("resumes", 0)) + 1
+            trace = TraceWriter.resume(path, lengths=saved.meta["trace_lengths"], attrs=attrs,
+                                       tables=algorithm.trace_layout())
+            algorithm.load_state_dict(saved.section("algorithm"), saved.meta["algorithm_state"])
+            trace.event("resume", f"from {saved.path.name}: rounds {saved.round + 1}..{cfg.rounds - 1} to go, "
+                                  f"{comm.size} ranks", round=saved.round)
         algorithm.attach_trace(trace)
         if not sampling:
             trace.event("meter", f"no energy meter: {meter.reason or 'no GPU'}; measured columns are NaN")
@@ -187,12 +208,30 @@ def run(cfg: Config, comm: Comm, *, weighting: ClientWeighting | None = None) ->
             client_sizes=shards.sizes, planner=DevicePlanner(cfg=cfg, catalogue=catalogue, population=population),
             trace=trace, progress=RoundProgress(cfg.rounds, cfg.runtime.progress),
         )
+        if saved is not None:
+            server.restore(saved)
+    start = comm.bcast(server.next_round if server else None)
+    stop = StopSignals(rank=comm.rank)
+    watchdog = Watchdog(cfg.runtime.round_timeout_s, rank=comm.rank, abort=comm.abort,
+                        on_timeout=server.on_watchdog if server else None)
+    stopped_by: str | None = None
 
     sampler.start()
     try:
-        for r in range(cfg.rounds):
-            plan = comm.bcast(server.plan(r) if server else None)
+        stop.__enter__()
+        for r in range(start, cfg.rounds):
+            watchdog.arm(r)
+            faults.maybe_inject(comm.rank, r)
+            if server is not None and stop.received:
+                server.checkpoint(r - 1, reason=stop.received)
+                plan = INTERRUPTED
+            else:
+                plan = server.plan(r) if server else None
+            plan = comm.bcast(plan)
             if plan is None:  # the algorithm finished early (e.g. FedStitch reached its depth)
+                break
+            if isinstance(plan, str) and plan == INTERRUPTED:
+                stopped_by = stop.received or "a stop signal"
                 break
             state = algorithm.broadcast_state() if is_server else np.empty(plan.state_size, dtype=np.float32)
             comm.Bcast(state)
@@ -212,23 +251,48 @@ def run(cfg: Config, comm: Comm, *, weighting: ClientWeighting | None = None) ->
                     server.trace.append_nvml(samples)
             if server is not None:
                 server.finish_round(plan, total, gathered, all_extras)
+                if server.checkpoint_due(r):
+                    server.checkpoint(r)
+            watchdog.disarm()
     except BaseException as err:
+        watchdog.close()
+        stop.__exit__(None, None, None)
         sampler.stop()
         if server is not None:
             server.progress.close()
-            server.trace.event("error", f"{type(err).__name__}: {err}", level="error")
+            rank = err.rank if isinstance(err, RankFailedError) else 0
+            kind = "abandoned" if isinstance(err, RoundAbandonedError) else "error"
+            message = err.message if isinstance(err, RankFailedError) else f"{type(err).__name__}: {err}"
+            server.trace.event(kind, message, level="error", rank=rank, round=server.current_round)
             server.trace.close()
+        elif comm.size > 1:
+            # Print the traceback now (rank 0 may end the job before it would be), then tell rank 0,
+            # which records the message in /events and ends the job; then fail as usual.
+            traceback.print_exc()
+            sys.stderr.flush()
+            comm.report_failure(f"{type(err).__name__}: {err}")
         raise
+    watchdog.close()
+    stop.__exit__(None, None, None)
     sampler.stop()
     if server is None:
         return None
     server.progress.close()
     wall = time.perf_counter() - started
-    server.trace.event("finish", f"{len(server.rows)} rounds in {wall:.2f} s")
+    if stopped_by is None:
+        last = int(server.rows[-1]["round"][0]) if server.rows else -1
+        if cfg.checkpoint.every and last >= 0 and server.last_checkpoint != last:
+            server.checkpoint(last)  # the end is a round boundary too: a later run may add rounds
+        server.trace.event("finish", f"{len(server.rows)} rounds in {wall:.2f} s")
+    else:
+        server.trace.event("stop", f"{stopped_by}: stopped after round {server.last_checkpoint}, "
+                                   f"checkpointed; continue with --resume", level="warning",
+                           round=server.last_checkpoint)
     server.trace.close()
     return RunSummary(
         trace_path=str(server.trace.path), rounds=server.all_rounds(), wall_time_s=wall,
-        trace_write_s=server.trace.write_seconds, ranks=comm.size,
+        trace_write_s=server.trace.write_seconds, ranks=comm.size, stopped_by=stopped_by,
+        checkpoint_s=server.checkpoint_s,
     )
 
 

@@ -10,6 +10,7 @@ documents the layout and each column.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -162,6 +163,75 @@ class TraceWriter:
         self._events: h5py.Dataset = f["events/table"]
         self._nvml: h5py.Dataset = f["nvml/table"]
         self._tables: dict[str, h5py.Dataset] = {key: f[key] for key in tables}
+
+    @classmethod
+    def resume(
+        cls,
+        path: Path,
+        *,
+        lengths: Mapping[str, int],
+        attrs: Mapping[str, str | int | float | bool],
+        tables: Mapping[str, np.dtype] | None = None,
+    ) -> TraceWriter:
+        """Continue the trace at ``path`` from a checkpoint that saw ``lengths`` rows per table.
+
+        Rows written after that checkpoint (a round that finished but was not checkpointed, or
+        half of one) are dropped; ``/events`` keeps every row (what happened before a kill is
+        worth keeping). The old file is read (``swmr=True``: a killed writer leaves it flagged
+        open), copied into a new file beside it, and renamed over it only when the copy is
+        complete, so a job killed while resuming still has the old trace. ``attrs`` replace the
+        old root attributes of the same name.
+        """
+        path = Path(path)
+        tables = dict(tables or {})
+        try:
+            old = h5py.File(path, "r", swmr=True, locking="best-effort")
+        except OSError as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"cannot resume trace {path}: {reason}") from None
+        with old:
+            if old.attrs.get("schema_version") != records.SCHEMA_VERSION:
+                raise UserError(f"cannot resume trace {path}: schema version {old.attrs.get('schema_version')}, "
+                                f"this fedemu writes {records.SCHEMA_VERSION}")
+            merged = {k: v for k, v in old.attrs.items() if k != "schema_version"}
+            merged.update(attrs)
+            rows: dict[str, np.ndarray] = {}
+            for key in [f"{g}/table" for g in ("rounds", "client_rounds", "nvml")] + list(tables):
+                if key not in old:
+                    raise UserError(f"cannot resume trace {path}: it has no {key} (another algorithm's trace?)")
+                n = int(lengths.get(key, -1))
+                if n < 0 or n > old[key].shape[0]:
+                    raise UserError(f"cannot resume trace {path}: {key} has {old[key].shape[0]} rows, "
+                                    f"the checkpoint expects {n}; the trace does not belong to this checkpoint")
+                rows[key] = old[key][:n]
+            rows["events/table"] = old["events/table"][:]
+            chunk = old["client_rounds/table"].chunks[0]
+            writer = cls(path.with_name(path.name + ".resume-tmp"), attrs=merged,
+                         clients=old["clients/table"][:], label_counts=old["clients/label_counts"][:],
+                         devices=old["devices/table"][:], overwrite=True, cohort_size=chunk, tables=tables)
+        try:
+            f = writer._live()
+            for key, data in rows.items():
+                if len(data):
+                    writer._append(f[key], data)
+            f.flush()
+            os.replace(writer.path, path)  # HDF5 keeps writing through its open descriptor
+        except BaseException:
+            writer.close()
+            writer.path.unlink(missing_ok=True)
+            raise
+        writer.path = path
+        return writer
+
+    def read(self, key: str) -> np.ndarray:
+        """Every row written so far to ``key`` (e.g. ``"rounds/table"``)."""
+        return self._live()[key][:]
+
+    def lengths(self) -> dict[str, int]:
+        """Rows in every table that grows per round (what a checkpoint records)."""
+        f = self._live()
+        keys = [f"{g}/table" for g in ("rounds", "client_rounds", "nvml", "events")] + list(self._tables)
+        return {key: int(f[key].shape[0]) for key in keys}
 
     @staticmethod
     def _check_label_counts(label_counts: np.ndarray, num_clients: int) -> np.ndarray:

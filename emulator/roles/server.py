@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from emulator import checkpoint
 from emulator.algorithms import Algorithm
 from emulator.algorithms.base import STOP
 from emulator.batches import BatchMaker
-from emulator.config import Config
+from emulator.config import Config, to_toml
 from emulator.devices.accounting import CohortCosts
 from emulator.devices.planner import DevicePlanner
 from emulator.progress import RoundProgress
@@ -42,6 +43,8 @@ class RunSummary:
     wall_time_s: float
     trace_write_s: float
     ranks: int
+    stopped_by: str | None = None  # the signal that stopped the run at a round boundary (checkpointed)
+    checkpoint_s: float = 0.0  # wall time spent writing checkpoints
 
 
 @dataclass
@@ -87,6 +90,53 @@ class Server:
         self.emulated_time_s = 0.0
         self._round_start = 0.0
         self._pending: _Pending | None = None
+        self.next_round = 0  # the first round this run executes (> 0 when resumed)
+        self.current_round = -1
+        self.last_checkpoint = -1  # the last round saved in a checkpoint
+        self.checkpoint_s = 0.0
+        self._resumes = 0
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def checkpoint_due(self, round_: int) -> bool:
+        every = self.cfg.checkpoint.every
+        return every > 0 and (round_ + 1) % every == 0
+
+    def checkpoint(self, round_: int, *, reason: str | None = None) -> None:
+        """Save the state after ``round_`` (once; nothing before the first round or with every = 0)."""
+        if round_ < 0 or round_ == self.last_checkpoint or self.cfg.checkpoint.every == 0:
+            return
+        t0 = time.perf_counter()
+        arrays, meta = self.algorithm.state_dict()
+        saved = {f"algorithm/{k}": np.asarray(v) for k, v in arrays.items()}
+        saved["planner/correction"] = self.planner.correction
+        doc = {
+            "config": to_toml(self.cfg), "algorithm": self.cfg.algorithm, "algorithm_state": meta,
+            "emulated_time_s": self.emulated_time_s, "trace_lengths": self.trace.lengths(),
+            "resumes": self._resumes, "reason": reason or "round",
+        }
+        checkpoint.save(checkpoint.checkpoint_dir(self.trace.path), round=round_, arrays=saved, meta=doc,
+                        keep=self.cfg.checkpoint.keep)
+        self.last_checkpoint = round_
+        self.checkpoint_s += time.perf_counter() - t0
+
+    def restore(self, saved: checkpoint.Checkpoint) -> None:
+        """Continue after ``saved.round``: the rounds so far, the clock and the planner's state.
+
+        The algorithm's own state was loaded before the trace was attached; every random draw is
+        keyed by (round, client), so nothing else carries over.
+        """
+        self.rows = [row.reshape(1) for row in self.trace.read("rounds/table")]
+        self.emulated_time_s = float(saved.meta["emulated_time_s"])
+        self.planner.correction = np.array(saved.section("planner")["correction"], dtype=np.float64)
+        self.next_round = saved.round + 1
+        self.last_checkpoint = saved.round
+        self._resumes = int(saved.meta.get("resumes", 0)) + 1
+        self.progress.skip(self.next_round)
+
+    def on_watchdog(self, round_: int, message: str) -> None:
+        """The watchdog thread's last act on rank 0 before it aborts the job."""
+        self.trace.event("watchdog", message, level="error", round=round_)
+        self.trace.close()
 
     def plan(self, round_: int) -> RoundPlan | None:
         """Sample the cohort, cost it on its devices, and hand the clients that run to the ranks.
@@ -95,6 +145,7 @@ class Server:
         """
         cfg = self.cfg
         self._round_start = time.perf_counter()
+        self.current_round = round_
         info = self.algorithm.begin_round(round=round_)
         if isinstance(info, str) and info == STOP:
             return None
