@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from emulator.comm import SingleComm
 from emulator.config import Config, load_config
 from emulator.errors import UserError
 from emulator.flat import FlatModel
+from emulator.records import CLIENT_ROUND_DTYPE
+from emulator.roles.plan import sample_cohort
 from emulator.runner import build_model, load_data, make_shards, run
 
 MIB = 2**20
@@ -149,7 +152,7 @@ def test_faithful_adapter_is_one_shared_module(tmp_path: Path) -> None:
 
 
 def test_deep_prompts_are_inserted_replaced_and_stripped(tmp_path: Path) -> None:
-    alg, shards, _ = build(small_cfg(tmp_path, "fedpeft.variant=prompt", "fedpeft.prompt_tokens=3"))
+    alg, _, _ = build(small_cfg(tmp_path, "fedpeft.variant=prompt", "fedpeft.prompt_tokens=3"))
     model = alg.model.eval()
     seen: dict[str, int] = {}
     model.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("block0", a[0].shape[1]))
@@ -318,3 +321,73 @@ def test_adapter_and_prompt_need_a_transformer(tmp_path: Path) -> None:
     bias, _, _ = build(small_cfg(tmp_path, "fedpeft.variant=bias", "model.name=tiny_cnn"))
     model = copy.deepcopy(bias.model)
     assert set(bias.setup.names) == {n for n, _ in model.named_parameters() if n.endswith("bias")} | {"9.weight"}
+
+
+# -- checkpoint / resume ------------------------------------------------------------------------------------
+
+
+def drive_rounds(
+    alg: object, cfg: Config, shards: object, rounds: range, budgets: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Rounds as the Server and a one-rank ClientGroup run them (cohort, costing, clients, aggregation);
+    returns the global state after each round. ``budgets``: memory budget per registered client."""
+    states = []
+    eligible = np.flatnonzero(shards.sizes > 0)
+    for r in rounds:
+        info = alg.begin_round(round=r)
+        cohort = sample_cohort(cfg.seed, r, eligible, cfg.clients_per_round)
+        alg.cohort = cohort
+        budget = np.zeros(len(cohort), np.int64) if budgets is None else budgets[cohort]
+        work = alg.estimate_work(num_samples=shards.sizes[cohort], budget_bytes=budget)
+        state = alg.broadcast_state().copy()
+        acc = np.zeros(alg.accumulator_size(info))
+        scratch = np.empty_like(acc)
+        records = np.zeros(len(cohort), dtype=CLIENT_ROUND_DTYPE)
+        records["round"], records["client"], records["num_samples"] = r, cohort, shards.sizes[cohort]
+        records["memory_budget_bytes"], records["peak_memory_bytes"] = budget, work.peak_bytes
+        for i, c in enumerate(cohort.tolist()):
+            result = alg.client_update(global_params=state, task=task_for(cfg, shards, r, c), info=info,
+                                       budget_bytes=int(budget[i]))
+            alg.accumulate(acc, result, scratch)
+        alg.conclude_round(round=r, summed=acc, records=records, extras=[np.zeros(0, np.float32)] * len(cohort))
+        states.append(alg.broadcast_state().copy())
+    return states
+
+
+def roundtrip(arrays: dict[str, np.ndarray], meta: dict) -> tuple[dict[str, np.ndarray], dict]:
+    """What a checkpoint keeps: arrays through safetensors, the rest through strict JSON (no NaN, no pickle)."""
+    from safetensors.numpy import load, save
+
+    return load(save({k: np.ascontiguousarray(v) for k, v in arrays.items()})), json.loads(
+        json.dumps(meta, allow_nan=False)
+    )
+
+
+@pytest.mark.parametrize("variant", ["adapter", "full"])
+def test_resume_from_state_dict_continues_exactly(tmp_path: Path, variant: str) -> None:
+    pytest.importorskip("opacus")
+    cfg = small_cfg(tmp_path, f"fedpeft.variant={variant}", "fedpeft.dp=true", "rounds=4")
+    whole, shards, _ = build(cfg)
+    reference = drive_rounds(whole, cfg, shards, range(4))
+    first, _, _ = build(cfg)
+    head = drive_rounds(first, cfg, shards, range(2))
+    np.testing.assert_array_equal(head[-1], reference[1])
+    saved = roundtrip(*first.state_dict())
+    # A resumed run may extend ``rounds``: it keeps the noise multiplier of the run it continues.
+    longer = small_cfg(tmp_path, f"fedpeft.variant={variant}", "fedpeft.dp=true", "rounds=40")
+    fresh, _, _ = build(longer)
+    n = len(shards.shard(0))
+    assert fresh.noise_multiplier(n) > first.noise_multiplier(n)  # more rounds, more noise ...
+    fresh.load_state_dict(*saved)
+    assert fresh.noise_multiplier(n) == first.noise_multiplier(n)  # ... unless resumed
+    tail = drive_rounds(fresh, cfg, shards, range(2, 4))
+    for got, want in zip(tail, reference[2:], strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(reference[1], reference[3])  # it trained on after the resume
+
+
+def test_resume_with_another_variant_is_a_one_line_error(tmp_path: Path) -> None:
+    bias, _, _ = build(small_cfg(tmp_path, "fedpeft.variant=bias"))
+    head, _, _ = build(small_cfg(tmp_path, "fedpeft.variant=head"))
+    with pytest.raises(UserError, match=r"fedpeft checkpoint: saved variant 'bias'"):
+        head.load_state_dict(*bias.state_dict())

@@ -366,3 +366,66 @@ def test_profl_small_example_puts_the_memory_wall_between_profl_and_fedavg() -> 
     memory = {d.name: d.memory_bytes * cfg.devices.memory_fraction for d in configured_catalogue(cfg).devices}
     assert step_max < min(memory["rpi4"], memory["xps15"]) < full < memory["rpi5"]
     assert step_max < 0.5 * full  # the measured reduction is about -57%
+
+
+# ---- checkpoint / resume --------------------------------------------------------------------------------
+
+RESUME = ["model.name=tiny_cnn", "profl.shrink_rounds=1", "profl.window=2", "profl.patience=1",
+          "profl.min_rounds_per_block=2", "profl.max_rounds_per_block=4", "profl.threshold=0.9",
+          "train.lr=0.2"]  # threshold: the EM rule freezes both blocks, before max_rounds
+
+
+def _drive(server: ProFL, worker: ProFL, rounds: range, log: list[tuple[Any, ...]]) -> bool:
+    """Rounds with rank 0 serving and a separate worker rank (1) training; False once ProFL stopped."""
+    for r in rounds:
+        info = server.begin_round(round=r)
+        if isinstance(info, str) and info == STOP:
+            return False
+        server.assign(clients=np.array([r, r + 1]), costs=np.ones(2), workers=[1])
+        state = server.broadcast_state().copy()
+        acc = np.zeros(server.accumulator_size(info))
+        for c in (r, r + 1):
+            task = ClientTask(round=r, client=c, indices=np.arange(8 * (c % 3 + 2)),
+                              rng=np.random.default_rng([r, c]), torch_seed=1000 * r + c)
+            worker.accumulate(acc, worker.client_update(global_params=state, task=task, info=info),
+                              np.empty_like(acc))
+        rec = np.zeros(2, dtype=CLIENT_ROUND_DTYPE)
+        rec["rank"] = 1
+        server.conclude_round(round=r, summed=acc, records=rec, extras=[])
+        rule = server._rule
+        log.append((info, state.size, server.state.copy(), None if rule is None else (rule.rounds, rule.below)))
+    return True
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 6])  # 5, 6: mid-way through growing block 1
+def test_resume_from_state_dict_continues_exactly(k: int) -> None:
+    """Server and worker both fresh after round k-1 (as after a job restart) give the uninterrupted run."""
+    from tests.test_fedpeft import roundtrip
+
+    reference: list[tuple[Any, ...]] = []
+    assert not _drive(_algorithms(*RESUME)[0], _algorithms(*RESUME)[0], range(100), reference)
+    stages = [(i.stage, i.block) for i, *_ in reference]
+    assert stages[:3] == [("shrink", 1), ("shrink", 0), ("grow", 0)] and stages[-1] == ("grow", 1)
+
+    log: list[tuple[Any, ...]] = []
+    server = _algorithms(*RESUME)[0]
+    _drive(server, _algorithms(*RESUME)[0], range(k), log)
+    fresh = _algorithms(*RESUME)[0]
+    fresh.load_state_dict(*roundtrip(*server.state_dict()))
+    assert not _drive(fresh, _algorithms(*RESUME)[0], range(k, 100), log)
+    assert len(log) == len(reference)
+    for (info, _, state, rule), (info0, _, state0, rule0) in zip(log, reference, strict=True):
+        assert (info.stage, info.block, rule) == (info0.stage, info0.block, rule0)
+        np.testing.assert_array_equal(state, state0)
+    # The first resumed round resends the frozen prefix the fresh worker lacks (only block 1's growing step
+    # has one: block 0, frozen).
+    info = log[k][0]
+    prefix = fresh._parts[0].size if (info.stage, info.block) == ("grow", 1) else 0
+    assert log[k][1] == fresh.trainable_size(info.block) + prefix
+
+
+def test_resume_with_another_block_layout_is_a_one_line_error() -> None:
+    saved = _algorithms(*RESUME)[0].state_dict()
+    other = _algorithms("model.name=test_resnet")[0]
+    with pytest.raises(UserError, match="profl checkpoint: its blocks and steps differ"):
+        other.load_state_dict(*saved)

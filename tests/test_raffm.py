@@ -272,3 +272,66 @@ def test_subnetwork_training_learns(tmp_path: Path) -> None:
     summary = run(cfg, SingleComm())
     assert summary is not None
     assert summary.rounds["test_accuracy"][-1] > 0.4  # 4 classes: chance is 0.25
+
+
+# -- checkpoint / resume ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_resume_from_state_dict_continues_exactly(tmp_path: Path, faithful: bool) -> None:
+    from tests.test_fedpeft import drive_rounds, roundtrip
+
+    cfg = small_cfg(tmp_path, "rounds=4", f"raffm.faithful_to_code={str(faithful).lower()}")
+    whole, shards, _ = build(cfg)
+    budgets = None
+    if not faithful:  # budgets between the ladder's peaks: the cohort trains subnetworks of several sizes
+        peaks = sorted(int(c.peak(np.array([16]), 16)[0]) for c in whole.ladder())
+        budgets = np.array([peaks[i % len(peaks)] for i in range(shards.num_clients)], np.int64)
+    reference = drive_rounds(whole, cfg, shards, range(4), budgets)
+    first, _, _ = build(cfg)
+    drive_rounds(first, cfg, shards, range(2), budgets)
+    fresh, _, _ = build(cfg)
+    fresh.load_state_dict(*roundtrip(*first.state_dict()))
+    tail = drive_rounds(fresh, cfg, shards, range(2, 4), budgets)
+    for got, want in zip(tail, reference[2:], strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert fresh._round == whole._round == 3
+    assert not np.array_equal(reference[1], reference[3])
+
+
+def test_resume_with_another_model_is_a_one_line_error(tmp_path: Path) -> None:
+    alg, _, _ = build(small_cfg(tmp_path))
+    with pytest.raises(UserError, match=r"raffm checkpoint: \d+ weights saved"):
+        alg.load_state_dict({"global_params": np.zeros(7, np.float32)}, {"round": 0})
+
+
+# -- the paper suite's configs ------------------------------------------------------------------------------
+
+
+def test_suite_configs_share_one_population_and_dataset() -> None:
+    """fedemu reproduce and benchmarks/algorithms.py compare runs of these files: same data, same devices."""
+    from tests.conftest import REPO
+
+    suite = REPO / "examples" / "paper-suite"
+    cfgs = {name: load_config(suite / f"{name}-small.toml") for name in ("fedavg", "fedpeft", "raffm", "profl")}
+    assert {c.algorithm for c in cfgs.values()} == set(cfgs)
+    for cfg in cfgs.values():
+        assert cfg.data == cfgs["fedavg"].data and cfg.seed == cfgs["fedavg"].seed
+        assert cfg.devices.mix == "small" and cfg.clients_per_round == cfgs["fedavg"].clients_per_round
+    # The methods' budgets are one population; fedavg-small.toml gets them with --set (its twins).
+    assert {cfgs[n].devices for n in ("fedpeft", "raffm", "profl")} == {cfgs["profl"].devices}
+
+
+def test_raffm_small_example_puts_the_memory_wall_inside_the_ladder() -> None:
+    """The premise written in examples/paper-suite/raffm-small.toml's header, measured."""
+    from emulator.devices import configured_catalogue
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "examples" / "paper-suite" / "raffm-small.toml", ["data.num_samples=200"])
+    alg, _, _ = build(cfg)
+    b = cfg.train.batch_size
+    peaks = [int(c.peak(np.array([b]), b)[0]) for c in alg.ladder()]
+    memory = {d.name: d.memory_bytes * cfg.devices.memory_fraction for d in configured_catalogue(cfg).devices}
+    assert alg.ladder()[-1].size == alg.flat.size
+    # Full training fits only the Pi 5s; the smallest subnetwork fits every device of the mix.
+    assert peaks[0] < min(memory["rpi4"], memory["xps15"]) < peaks[-1] < memory["rpi5"]

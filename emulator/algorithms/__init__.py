@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from emulator.algorithms import fedavg  # noqa: F401  (registers "fedavg")
-from emulator.algorithms import fedpeft  # noqa: F401  (registers "fedpeft")
-from emulator.algorithms import raffm  # noqa: F401  (registers "raffm")
-from emulator.algorithms import fedstitch  # noqa: F401  (registers "fedstitch")
-from emulator.algorithms import profl  # noqa: F401  (registers "profl")
+from emulator.algorithms import (
+    fedavg,  # noqa: F401  (registers "fedavg")
+    fedpeft,  # noqa: F401  (registers "fedpeft")
+    fedstitch,  # noqa: F401  (registers "fedstitch")
+    profl,  # noqa: F401  (registers "profl")
+    raffm,  # noqa: F401  (registers "raffm")
+)
 from emulator.algorithms.base import Algorithm, ClientResult, ClientTask
 from emulator.algorithms.registry import ALGORITHMS, register_algorithm
 

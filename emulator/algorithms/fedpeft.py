@@ -35,6 +35,7 @@ from emulator.algorithms.peft_modules import (
 from emulator.algorithms.registry import register_algorithm
 from emulator.batches import BatchMaker
 from emulator.config import Config
+from emulator.errors import UserError
 from emulator.evaluation import evaluate
 from emulator.flat import FlatModel
 from emulator.records import STATUS_OK
@@ -138,6 +139,30 @@ class FedPEFT(Algorithm):
 
     def trace_layout(self) -> dict[str, np.dtype]:
         return {"fedpeft/rounds": ROUNDS_DTYPE}
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The trainable tensors (the whole server state: the backbone is rebuilt from the config) and the
+        DP accounting basis.
+
+        ``dp_participations`` is saved because the noise multiplier depends on it and it is derived from
+        ``rounds``, which a resumed run may change: a resumed run keeps the noise of the run it continues.
+        """
+        meta = {
+            "variant": self.setup.variant, "trainable_elements": int(self.state.size),
+            "dp_participations": int(self._participations),
+        }
+        return {"trainable": self.global_params.copy()}, meta
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        if meta.get("variant") != self.setup.variant or int(meta.get("trainable_elements", -1)) != self.state.size:
+            raise UserError(
+                f"fedpeft checkpoint: saved variant {meta.get('variant')!r} with {meta.get('trainable_elements')} "
+                f"trainable elements, this run has {self.setup.variant!r} with {self.state.size}; resume with the "
+                "config the run was started with"
+            )
+        self.global_params = np.ascontiguousarray(arrays["trainable"], dtype=np.float32).copy()
+        self._participations = int(meta["dp_participations"])
 
     # ---- every rank -------------------------------------------------------------------------------------
     def client_update(

@@ -24,6 +24,7 @@ keeps nothing between rounds). Details and the inferred choices: docs/algorithms
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ from emulator.batches import BatchMaker
 from emulator.config import Config
 from emulator.devices.flops import FlopCache
 from emulator.devices.memory import MemoryCache, measure_inference_memory, optimizer_state_factor, sample_batch
+from emulator.errors import UserError
 from emulator.evaluation import evaluate
 from emulator.flat import FlatModel
 from emulator.records import STATUS_OK
@@ -357,6 +359,50 @@ class ProFL(Algorithm):
 
     def trace_layout(self) -> dict[str, np.dtype]:
         return {"profl/rounds": PROFL_ROUND_DTYPE}
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Rank 0's progress: every block, head and output module, the step, and the freezing rule's window.
+
+        Which worker ranks hold which frozen blocks (``_known``) is not saved: after a resume the workers are
+        fresh, so the first round resends the whole frozen prefix (``load_state_dict`` forgets it).
+        """
+        arrays: dict[str, np.ndarray] = {"state": self.state.copy()}
+        meta: dict[str, Any] = {
+            "steps": [[stage, int(t)] for stage, t in self.steps], "step_index": int(self.step_index),
+            "eval_step": [self._eval_step[0], int(self._eval_step[1])], "round_peak": int(self._round_peak),
+            "rule": None,
+        }
+        rule = self._rule
+        if rule is not None:  # mid-step: the window of snapshots and the counters
+            arrays["rule_snapshots"] = np.stack(list(rule._snapshots)).astype(np.float32)
+            meta["rule"] = {"rounds": rule.rounds, "updates": rule.updates, "below": rule.below,
+                            "em": None if math.isnan(rule.em) else float(rule.em)}
+        return arrays, meta
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        steps = [(str(stage), int(t)) for stage, t in meta["steps"]]
+        state = np.ascontiguousarray(arrays["state"], dtype=np.float32)
+        if steps != self.steps or state.shape != self.state.shape:
+            raise UserError("profl checkpoint: its blocks and steps differ from this config's; resume with the "
+                            "config the run was started with")
+        self.state[:] = state
+        self.step_index = int(meta["step_index"])
+        self._eval_step = (str(meta["eval_step"][0]), int(meta["eval_step"][1]))
+        self._round_peak = int(meta["round_peak"])
+        self._info = None
+        self._known = {}  # fresh workers hold only the initial weights: resend every frozen block
+        self._workers = None
+        self._rule = None
+        saved = meta.get("rule")
+        if saved is not None:
+            rule = self._new_rule(*self.step)
+            rule._snapshots.clear()
+            for snap in np.asarray(arrays["rule_snapshots"], dtype=np.float32):
+                rule._snapshots.append(snap.copy())
+            rule.rounds, rule.updates, rule.below = int(saved["rounds"]), int(saved["updates"]), int(saved["below"])
+            rule.em = math.nan if saved["em"] is None else float(saved["em"])
+            self._rule = rule
 
     # ---- every rank ---------------------------------------------------------------------------------
     def accumulator_size(self, info: Any) -> int:

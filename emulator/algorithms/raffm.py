@@ -42,6 +42,7 @@ from emulator.batches import BatchMaker
 from emulator.config import Config
 from emulator.devices.flops import FlopCache
 from emulator.devices.memory import MemoryCache, optimizer_state_factor
+from emulator.errors import UserError
 from emulator.evaluation import evaluate
 from emulator.flat import FlatModel
 from emulator.records import STATUS_OK
@@ -312,6 +313,23 @@ class RaFFM(Algorithm):
     def trace_layout(self) -> dict[str, np.dtype]:
         return {"raffm/clients": CLIENTS_DTYPE, "raffm/eval": EVAL_DTYPE}
 
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The global full weights, as the last SPP left them ordered.
+
+        SPP is a pure function of those weights (re-applied in the next ``begin_round``), subnetworks are
+        leading slices of them and their costs are re-measured on demand, so nothing else is state.
+        """
+        return {"global_params": self.global_params.copy()}, {"round": int(self._round)}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        params = np.ascontiguousarray(arrays["global_params"], dtype=np.float32)
+        if params.shape != (self.flat.size,):
+            raise UserError(f"raffm checkpoint: {params.size} weights saved, this model has {self.flat.size}; "
+                            "resume with the config the run was started with")
+        self.global_params = params.copy()
+        self._round = int(meta.get("round", -1))
+
     # ---- every rank -------------------------------------------------------------------------------------
     def accumulator_size(self, info: Any) -> int:
         return 2 * self.flat.size + 1  # Σ w·params | Σ w per entry | Σ w over clients
@@ -342,7 +360,7 @@ class RaFFM(Algorithm):
         sub.load(global_params)
         model = sub.module
         model.train()
-        import os; torch.manual_seed(task.torch_seed); task.rng.random(int(os.environ.get("PMI_RANK", "0")))
+        torch.manual_seed(task.torch_seed)  # dropout, drop-path: keyed by (round, client), not by rank
         opt = torch.optim.SGD(
             model.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
         )
