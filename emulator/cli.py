@@ -10,7 +10,6 @@ import argparse
 import math
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -280,7 +279,12 @@ def _launch(args: argparse.Namespace) -> int:
         cmd += ["--set", item]
     if args.resume is not None:
         cmd += ["--resume", args.resume]
-    return subprocess.call(cmd)
+    # Become mpiexec rather than wait for it: a signal to this process (Ctrl-C, kill, a job
+    # script's SIGUSR1) then reaches mpiexec, which passes it on to the ranks, exactly once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
 
 
 def format_summary(cfg: Config, summary: RunSummary) -> str:

@@ -13,11 +13,15 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from types import FrameType, TracebackType
 
 SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM, signal.SIGINT) if s is not None)
 # The exit status of a run stopped by a signal after its checkpoint: "try again later" (sysexits.h).
 EXIT_INTERRUPTED = 75
+# A signal sent to a process group reaches each rank directly and again through mpiexec/srun:
+# copies this close together count as one.
+DEBOUNCE_S = 1.0
 
 
 class RoundAbandonedError(Exception):
@@ -30,16 +34,21 @@ class StopSignals:
     def __init__(self, *, rank: int) -> None:
         self.rank = rank
         self.received: str | None = None
+        self._first = 0.0
         self._old: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        now = time.monotonic()
         if self.received is None:
             self.received = name
+            self._first = now
             if self.rank == 0:
                 print(f"fedemu: {name}: finishing this round, checkpointing, then stopping "
                       f"(send it again to abandon the round)", file=sys.stderr, flush=True)
             return
+        if now - self._first < DEBOUNCE_S:
+            return  # the same signal reaching this rank twice (from the launcher and its group)
         if self.rank == 0:
             raise RoundAbandonedError(f"{name} again: the round in flight was abandoned")
 
