@@ -267,6 +267,8 @@ class ProFLConfig(_Section):
     max_rounds_per_block: int = _opt(40, ge=1, le=1_000_000, doc="growing stage: freeze a block after this many rounds")
     output_width: int = _opt(0, ge=0, le=65536, doc="channels of the output modules' conv; 0 = the model's final width")
     download_prefix: bool = _opt(True, doc="clients download the frozen prefix each round (they keep nothing)")
+    fitting_clients: bool = _opt(True, doc="sample each step's cohort only among clients whose memory budget "
+                                           "holds that step's training (off: sample all, the rest are oom)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

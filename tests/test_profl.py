@@ -429,3 +429,31 @@ def test_resume_with_another_block_layout_is_a_one_line_error() -> None:
     other = _algorithms("model.name=test_resnet")[0]
     with pytest.raises(UserError, match="profl checkpoint: its blocks and steps differ"):
         other.load_state_dict(*saved)
+
+
+def test_each_step_samples_only_clients_whose_memory_holds_it(tmp_path: Path) -> None:
+    """Pi 4s cannot hold the largest step, Pi 5s can: with fitting_clients the cohort has no oom."""
+    profl, _, _ = _algorithms("model.name=test_convnext")
+    peaks = [profl._cost(s, 16).state_bytes + profl._cost(s, 16).activation_bytes for s in profl.steps]
+    big, small = max(peaks), min(peaks)
+    assert small < big
+    fraction = (small + big) / 2 / (3.2 * 2**30)  # a Pi 4 (3.2 GiB) holds the smallest step, not the largest
+    assert big <= 7.2 * 2**30 * fraction  # a Pi 5 (7.2 GiB) holds every step
+    common = [*RUN, "devices.mix=rpi4:0.5,rpi5:0.5", f"devices.memory_fraction={fraction}", "rounds=9",
+              "devices.availability=false"]
+    out = {}
+    for fitting in (True, False):
+        cfg = load_config(None, [*common, f"profl.fitting_clients={str(fitting).lower()}",
+                                 f"output.trace={tmp_path / str(fitting)}.h5"])
+        summary = run(cfg, SingleComm())
+        assert summary is not None
+        with h5py.File(summary.trace_path, "r") as f:
+            out[fitting] = (f["/client_rounds/table"][:], f["/profl/rounds"][:])
+    rec, table = out[True]
+    assert not (rec["status"] == STATUS_OOM).any()
+    assert (rec["peak_memory_bytes"] <= rec["memory_budget_bytes"]).all()
+    big_rounds = table["round"][table["peak_train_bytes"] > int(3.2 * 2**30 * fraction)]
+    assert len(big_rounds)  # some step really is too big for a Pi 4 ...
+    assert (rec["peak_memory_bytes"][np.isin(rec["round"], big_rounds)] > 0).all()
+    rec_all, _ = out[False]
+    assert (rec_all["status"] == STATUS_OOM).any()  # ... and sampling everyone makes Pi 4s oom there

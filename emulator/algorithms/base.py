@@ -101,6 +101,14 @@ class Algorithm:
         """The float32 buffer every rank gets at the start of the round."""
         return self.global_params
 
+    def eligible(self, *, round: int, num_samples: np.ndarray, budget_bytes: np.ndarray) -> np.ndarray | None:
+        """Which clients (with data) this round's cohort may be sampled from, as a boolean mask.
+
+        Called after ``begin_round``; None = all of them (the default). The mask must depend only
+        on the server's state, so the cohort stays the same for any number of ranks.
+        """
+        return None
+
     def assign(self, *, clients: np.ndarray, costs: np.ndarray, workers: list[int]) -> np.ndarray:
         """The rank that runs each client (default: longest-processing-time on ``costs``)."""
         return assign_lpt(costs, workers)

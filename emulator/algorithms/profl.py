@@ -291,6 +291,12 @@ class ProFL(Algorithm):
             self._costs[(step, batch_size)] = hit
         return hit
 
+    def eligible(self, *, round: int, num_samples: np.ndarray, budget_bytes: np.ndarray) -> np.ndarray | None:
+        """Each step samples only the clients whose memory holds its training (the paper's selection)."""
+        if not self.cfg.profl.fitting_clients:
+            return None
+        return self.estimate_work(num_samples=num_samples, budget_bytes=budget_bytes).peak_bytes <= budget_bytes
+
     def estimate_work(self, *, num_samples: np.ndarray, budget_bytes: np.ndarray | None = None) -> WorkEstimate:
         train = self.cfg.train
         step, b = self.step, train.batch_size

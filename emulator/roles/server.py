@@ -149,9 +149,14 @@ class Server:
         info = self.algorithm.begin_round(round=round_)
         if isinstance(info, str) and info == STOP:
             return None
-        keep = min(cfg.clients_per_round, len(self.eligible))
-        k = min(math.ceil(keep * cfg.overcommit), len(self.eligible))
-        cohort = sample_cohort(cfg.seed, round_, self.eligible, k)
+        pool = self.eligible
+        mask = self.algorithm.eligible(round=round_, num_samples=self.client_sizes[pool],
+                                       budget_bytes=self.planner.budget_bytes(pool))
+        if mask is not None and mask.any():  # nobody fits: sample all, they are oom and the trace says so
+            pool = pool[np.asarray(mask, dtype=bool)]
+        keep = min(cfg.clients_per_round, len(pool))
+        k = min(math.ceil(keep * cfg.overcommit), len(pool))
+        cohort = sample_cohort(cfg.seed, round_, pool, k)
         t0 = time.perf_counter()
         self.algorithm.cohort = cohort
         work = self.algorithm.estimate_work(
