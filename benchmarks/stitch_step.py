@@ -52,7 +52,8 @@ def one(pool: Path, clients: int, depth: int, cache: bool, trace: Path) -> dict:
     step_rounds = steps["round"][step_rows]
     flops = [float(cr["flops"][cr["round"] == r].sum()) for r in step_rounds]
     wall = [float(rounds["wall_time_s"][rounds["round"] == r][0]) for r in step_rounds]
-    return {"wall_s": wall, "gflops": [f / 1e9 for f in flops], "candidates": steps["num_candidates"][step_rows].tolist()}
+    return {"wall_s": wall, "gflops": [f / 1e9 for f in flops],
+            "candidates": steps["num_candidates"][step_rows].tolist()}
 
 
 def main() -> int:
@@ -76,7 +77,7 @@ def main() -> int:
     for r in results:
         wall = " ".join(f"{w:6.2f}" for w in r["wall_s"])
         gf = " ".join(f"{g:7.2f}" for g in r["gflops"])
-        print(f"{r['pool_models']:>6} {r['clients']:>7} {str(r['cache']):>5}  {wall:<36} {gf}")
+        print(f"{r['pool_models']:>6} {r['clients']:>7} {r['cache']!s:>5}  {wall:<36} {gf}")
     # The claim: with the cache, a step's cost does not grow with k (beyond its candidates' own work).
     for r in results:
         if r["cache"] and len(r["wall_s"]) > 2:

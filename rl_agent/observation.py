@@ -43,7 +43,7 @@ KEYS = ("scores", "proxies", "meta", "client_mask", "candidate_mask", "step")
 
 def observation_space(max_clients: int, max_candidates: int) -> spaces.Dict:
     """The Dict space of :func:`encode`'s observations."""
-    c, k, m = max_clients, max_candidates, len(META_COLUMNS)
+    c, k = max_clients, max_candidates
     return spaces.Dict(
         {
             "scores": spaces.Box(-SCORE_CLIP, SCORE_CLIP, shape=(c, k), dtype=np.float32),
@@ -105,7 +105,7 @@ def standardise(scores: np.ndarray) -> np.ndarray:
 def encode(obs: StepObservation, max_clients: int, max_candidates: int) -> Encoded:
     """Pad (or truncate) one step's observation to the fixed shapes of :func:`observation_space`."""
     scores = np.asarray(obs.scores, dtype=np.float64)
-    n_clients, n_cands = scores.shape
+    n_clients = scores.shape[0]
     num_samples = np.asarray(obs.num_samples)
     if len(num_samples) != n_clients or obs.meta.shape[0] != n_clients or obs.proxies.shape != scores.shape:
         raise ValueError(

@@ -226,6 +226,65 @@ class ReinforcePolicy:
         self._episode = []
         self._pending = None
 
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Everything a fresh policy of the same hyper-parameters needs to continue exactly as this one.
+
+        Arrays: the network, Adam's moments and step counts, the exploration generator's state, the
+        undecided ``_pending`` decision and the episode's decisions (credited by the final reward).
+        JSON: the baselines, the update count, the hyper-parameters (checked on load).
+        """
+        arrays = {f"net/{k}": v.detach().numpy().copy() for k, v in self.net.state_dict().items()}
+        opt = self._opt.state_dict()
+        for i, state in opt["state"].items():
+            for name, value in state.items():
+                arrays[f"opt/{i}/{name}"] = torch.as_tensor(value).detach().numpy().copy()
+        arrays["gen"] = self._gen.get_state().numpy().copy()
+        groups = {"pending": [self._pending] if self._pending is not None else [], "episode": self._episode}
+        for key, decisions in groups.items():
+            if decisions:  # no zero-length arrays in the file
+                arrays[f"{key}/feats"] = torch.stack([d.feats for d in decisions]).numpy().copy()
+                arrays[f"{key}/logits"] = torch.stack([d.logits for d in decisions]).numpy().copy()
+                arrays[f"{key}/mask"] = torch.stack([d.mask for d in decisions]).numpy().astype(np.uint8)
+        meta = {"hidden": self.hidden, "sigma": self.sigma, "lr": self.lr,
+                "baseline_momentum": self.baseline_momentum, "seed": self.seed, "updates": self.updates,
+                "baselines": {k: [b.mean, b.var, b.count] for k, b in self.baselines.items()}}
+        return arrays, meta
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the hyper-parameters must match this policy's (same config)."""
+        mine = {"hidden": self.hidden, "sigma": self.sigma, "lr": self.lr,
+                "baseline_momentum": self.baseline_momentum}
+        diff = {k: (meta.get(k), v) for k, v in mine.items() if meta.get(k) != v}
+        if diff:
+            raise UserError(f"the checkpoint's RL policy has other settings than [rl]: {diff} (saved, now); "
+                            "resume with the run's own config")
+        self.net.load_state_dict({k[4:]: torch.from_numpy(np.array(v)) for k, v in arrays.items()
+                                  if k.startswith("net/")}, strict=True)
+        opt = self._opt.state_dict()
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in arrays.items():
+            if key.startswith("opt/"):
+                _, i, name = key.split("/", 2)
+                state.setdefault(int(i), {})[name] = torch.from_numpy(np.array(value))
+        opt["state"] = state
+        self._opt.load_state_dict(opt)
+        self._gen.set_state(torch.from_numpy(np.array(arrays["gen"], dtype=np.uint8)))
+
+        def decisions(key: str) -> list[_Decision]:
+            if f"{key}/feats" not in arrays:
+                return []
+            feats, logits = (torch.from_numpy(np.array(arrays[f"{key}/{n}"])) for n in ("feats", "logits"))
+            mask = torch.from_numpy(np.array(arrays[f"{key}/mask"]).astype(bool))
+            return [_Decision(feats=f, logits=x, mask=m) for f, x, m in zip(feats, logits, mask, strict=True)]
+
+        pending = decisions("pending")
+        self._pending = pending[0] if pending else None
+        self._episode = decisions("episode")
+        self.seed = int(meta["seed"])
+        self.updates = int(meta["updates"])
+        self.baselines = {k: _Baseline(float(m), float(v), int(c)) for k, (m, v, c) in meta["baselines"].items()}
+
     def _update(self, decisions: list[_Decision], advantage: float) -> None:
         loss = torch.zeros(())
         for d in decisions:

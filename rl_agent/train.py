@@ -116,7 +116,9 @@ def train_ppo(
         from stable_baselines3 import PPO
         from stable_baselines3.common.callbacks import BaseCallback
     except ImportError:
-        raise UserError("--agent ppo needs stable-baselines3: pip install 'fedemu[rl]' (or use --agent reinforce)") from None
+        raise UserError(
+            "--agent ppo needs stable-baselines3: pip install 'fedemu[rl]' (or use --agent reinforce)"
+        ) from None
 
     steps = max(1, round(episodes * env.num_steps / len(env.episodes)))
     n_steps = int(min(256, max(16, steps)))

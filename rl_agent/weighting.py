@@ -7,11 +7,13 @@ on rank 0, passed as ``weighting=`` to ``emulator.runner.run``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from emulator.algorithms.stitch_weighting import ClientWeighting, StepObservation
 from emulator.config import Config
+from emulator.errors import UserError
 from rl_agent.observation import encode, expand_actions
 from rl_agent.policy import ReinforcePolicy
 
@@ -51,6 +53,23 @@ class PolicyWeighting:
         if done:
             self.policy.end_episode()
             self.close()
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The policy's state (network, optimiser, exploration RNG, episode) and this wrapper's, for checkpoints."""
+        arrays, meta = self.policy.state_dict()
+        out = {f"policy/{k}": v for k, v in arrays.items()}
+        if len(self.last_actions):
+            out["last_actions"] = self.last_actions.copy()
+        return out, {"policy": meta, "train": self.train, "dirty": self._dirty}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        if bool(meta["train"]) != self.train:
+            raise UserError(f"the checkpoint's RL weighting has rl.train = {meta['train']}, this run's "
+                            f"{self.train}: resume with the run's own config")
+        self.policy.load_state_dict({k[len("policy/"):]: v for k, v in arrays.items() if k.startswith("policy/")},
+                                    meta["policy"])
+        self.last_actions = np.array(arrays.get("last_actions", np.zeros(0)), dtype=np.float64)
+        self._dirty = bool(meta["dirty"])
 
     def close(self) -> None:
         """Write the policy to ``save`` if it learnt anything since the last write (or was never written)."""

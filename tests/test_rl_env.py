@@ -47,7 +47,8 @@ def toy_step(
     scores[noisy] = 0.3 * rng.normal(size=(int(noisy.sum()), k))
     scores[noisy, decoy] += 0.5
     scores[rng.integers(num_clients), k - 1] = np.nan  # one client could not hold the last candidate
-    label_entropy = np.where(noisy, 0.1 + 0.1 * rng.uniform(size=num_clients), 0.8 + 0.2 * rng.uniform(size=num_clients))
+    label_entropy = np.where(noisy, 0.1 + 0.1 * rng.uniform(size=num_clients),
+                             0.8 + 0.2 * rng.uniform(size=num_clients))
     prefix = 0.3 + 0.05 * rng.uniform(size=num_clients)
     proxies = np.clip(prefix[:, None] + 0.2 * quality[None, :] + 0.02 * rng.normal(size=(num_clients, k)), 0, 1)
     proxies[~np.isfinite(scores)] = np.nan
@@ -225,13 +226,13 @@ def test_replay_episode_walks_the_recorded_path(tmp_path: Path) -> None:
     paths = [write_trace(tmp_path / f"t{i}.h5", ep) for i, ep in enumerate(episodes)]
     env = ReplayStitchEnv(paths, max_clients=8, max_candidates=6)
     assert env.num_steps == 6 and len(env.episodes) == 2
-    obs, info = env.reset(options={"episode": 1})
+    obs, _ = env.reset(options={"episode": 1})
     want = encode(episodes[1][0].obs, 8, 6).obs
     for key in want:
         np.testing.assert_array_equal(obs[key], want[key])
     rewards = []
     for t in range(3):
-        obs, r, term, _, info = env.step(np.ones(8, np.float32))
+        obs, r, term, _, _ = env.step(np.ones(8, np.float32))
         rewards.append(r)
         assert term == (t == 2)
     step_rewards = [s.gain(s.choose(np.ones(8))) for s in episodes[1]]

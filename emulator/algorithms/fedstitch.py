@@ -166,6 +166,71 @@ class FedStitch(Algorithm):
         self.weighting = weighting
         self._weighting_given = True
 
+    # ================================================================== checkpoints (rank 0)
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The server's stitching state after a concluded round, and the weighting policy's (if it has any).
+
+        Saved: the prefix and its fitted stitching layers (flat, as broadcast), the head and the summed head
+        statistics, phase / step / proxy / best / patience counters, the pruned pool (models, blocks), what
+        each client's device holds (cost accounting) and the largest budget seen (the optimizer's block
+        pruning). Not saved: ``_info`` and ``_eval``, which the next round sets before they are read, and
+        the per-rank caches (block profiles, stitch prototypes, held features), rebuilt on a miss with the
+        same numbers (held features only save wall time: the emulated cost follows ``cached_depth``).
+        """
+        arrays: dict[str, np.ndarray] = {"joints": _flatten(self.joints)}
+        if self.head is not None:
+            arrays["head"] = np.asarray(self.head, dtype=np.float64)
+        if self._head_sums is not None:
+            arrays["head_sums"] = np.asarray(self._head_sums, dtype=np.float64)
+        meta: dict[str, Any] = {
+            "prefix": list(self.prefix), "models": list(self.models), "blocks": list(self.blocks),
+            "step": self.step, "phase": self.phase, "proxy": self.proxy, "best": [self.best[0], self.best[1]],
+            "no_gain": self.no_gain, "cached_depth": {str(c): d for c, d in self.cached_depth.items()},
+            "max_budget": self.max_budget, "final_reward": self._final_reward, "head_done": self._head_done,
+            "head_round": self._head_round, "weighting": None,
+        }
+        saver = getattr(self.weighting, "state_dict", None)
+        if callable(saver):
+            w_arrays, w_meta = saver()
+            arrays.update({f"weighting/{k}": np.asarray(v) for k, v in w_arrays.items()})
+            meta["weighting"] = {"name": str(getattr(self.weighting, "name", "")), **w_meta}
+        return arrays, meta
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        unknown = [b for b in [*meta["prefix"], *meta["blocks"]] if b not in self.infos]
+        if unknown:
+            raise UserError(f"the checkpoint's stitched blocks {unknown[:3]} are not in pool.path = "
+                            f"{self.cfg.pool.path!r}: resume with the pool the run was started with")
+        self.prefix = list(meta["prefix"])
+        self.models = list(meta["models"])
+        self.blocks = list(meta["blocks"])
+        self.joints = [self._stitch(a, b) for a, b in itertools.pairwise(self.prefix)]
+        _unflatten(self.joints, np.asarray(arrays["joints"], dtype=np.float32))
+        self.head = np.array(arrays["head"], dtype=np.float64) if "head" in arrays else None
+        self._head_sums = np.array(arrays["head_sums"], dtype=np.float64) if "head_sums" in arrays else None
+        self.step, self.phase, self.proxy = int(meta["step"]), str(meta["phase"]), float(meta["proxy"])
+        self.best = (float(meta["best"][0]), int(meta["best"][1]))
+        self.no_gain = int(meta["no_gain"])
+        self.cached_depth = {int(c): int(d) for c, d in meta["cached_depth"].items()}
+        self.max_budget = int(meta["max_budget"])
+        final = meta["final_reward"]
+        self._final_reward = None if final is None else float(final)
+        self._head_done, self._head_round = int(meta["head_done"]), int(meta["head_round"])
+        self._info, self._eval = None, None
+        saved = meta.get("weighting")
+        loader = getattr(self.weighting, "load_state_dict", None)
+        if saved is None:
+            if callable(loader):
+                raise UserError("the checkpoint holds no client-weighting state but this run's weighting "
+                                f"({getattr(self.weighting, 'name', '?')}) has one: resume with the run's own config")
+            return
+        name = str(getattr(self.weighting, "name", ""))
+        if not callable(loader) or saved.get("name") != name:
+            raise UserError(f"the checkpoint's client weighting is {saved.get('name')!r}, this run's is {name!r}: "
+                            "resume with the run's own config (stitch.weighting, stitch.policy)")
+        loader({k[len("weighting/"):]: v for k, v in arrays.items() if k.startswith("weighting/")},
+               {k: v for k, v in saved.items() if k != "name"})
+
     def _profile(self, name: str) -> _Profile:
         prof = self._profiles.get(name)
         if prof is None:
