@@ -7,16 +7,11 @@ import torch
 from torch import nn
 
 
-class FlatModel:
-    """Views a model's parameters and floating-point buffers as one float32 vector.
+class TensorVector:
+    """A list of tensors viewed as one flat float32 vector (what travels by ``Bcast`` and ``Reduce``)."""
 
-    Buffers such as BatchNorm running statistics are part of the model's state and are
-    averaged with the weights (as FedAvg does); integer buffers (``num_batches_tracked``)
-    stay local because averaging a counter means nothing.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.tensors = [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = list(tensors)
         self.sizes = [t.numel() for t in self.tensors]
         self.size = int(sum(self.sizes))
         self.nbytes = self.size * 4
@@ -34,10 +29,22 @@ class FlatModel:
 
     def set(self, flat: np.ndarray) -> None:
         if flat.shape != (self.size,):
-            raise ValueError(f"flat state has shape {flat.shape}, model needs ({self.size},)")
+            raise ValueError(f"flat state has shape {flat.shape}, the tensors need ({self.size},)")
         source = torch.from_numpy(np.asarray(flat, dtype=np.float32))
         offset = 0
         with torch.no_grad():
             for t, n in zip(self.tensors, self.sizes, strict=True):
                 t.copy_(source[offset : offset + n].view_as(t))
                 offset += n
+
+
+class FlatModel(TensorVector):
+    """Views a model's parameters and floating-point buffers as one float32 vector.
+
+    Buffers such as BatchNorm running statistics are part of the model's state and are
+    averaged with the weights (as FedAvg does); integer buffers (``num_batches_tracked``)
+    stay local because averaging a counter means nothing.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__([t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()])

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from emulator.batches import BatchMaker
@@ -22,6 +24,31 @@ from emulator.flat import FlatModel
 from emulator.roles.plan import assign_lpt
 
 STOP = "stop"  # begin_round's answer when the algorithm has finished before cfg.rounds
+
+
+def local_sgd(
+    net: nn.Module, params: Any, *, task: ClientTask, batches: BatchMaker, train: Any
+) -> tuple[int, float]:
+    """A client's local SGD epochs over its shard: (steps, mean training loss).
+
+    Batches follow the client's own permutation (``task.rng``) and dropout its own seed, so the
+    result does not depend on the rank that runs it.
+    """
+    torch.manual_seed(task.torch_seed)  # dropout, drop-path: keyed by (round, client)
+    opt = torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    steps = 0
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for _ in range(train.local_epochs):
+        order = task.rng.permutation(task.indices)
+        for start in range(0, len(order), train.batch_size):
+            x, y = batches(order[start : start + train.batch_size])
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()  # no .item(): avoids a sync per step on GPUs
+            steps += 1
+    return steps, float(loss_sum) / max(steps, 1)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from emulator.algorithms.peft_dp import (
 )
 from emulator.algorithms.peft_modules import (
     PEFT_VARIANTS,
-    TensorVector,
     freeze_statistics,
     prepare,
     reinitialise,
@@ -37,7 +36,7 @@ from emulator.batches import BatchMaker
 from emulator.config import Config
 from emulator.errors import UserError
 from emulator.evaluation import evaluate
-from emulator.flat import FlatModel
+from emulator.flat import FlatModel, TensorVector
 from emulator.records import STATUS_OK
 
 ROUNDS_DTYPE = np.dtype([

@@ -1,4 +1,4 @@
-"""FedPEFT's building blocks: which tensors train, adapters, deep prompts, and a flat view of a tensor list.
+"""FedPEFT's building blocks: which tensors train, adapters and deep prompts (the flat view: ``emulator.flat``).
 
 Everything here works on any device, ``meta`` included, so the byte counts of a model as large as
 ViT-B/16 can be checked without allocating it.
@@ -14,7 +14,6 @@ ViT-B/16 can be checked without allocating it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -27,36 +26,6 @@ from emulator.errors import UserError
 
 VARIANTS = ("bias", "adapter", "prompt", "head", "full", "scratch")
 PEFT_VARIANTS = ("bias", "adapter", "prompt", "head")  # the backbone stays frozen
-
-
-class TensorVector:
-    """A list of tensors viewed as one flat float32 vector (FedPEFT's state: only what trains)."""
-
-    def __init__(self, tensors: Iterable[torch.Tensor]) -> None:
-        self.tensors = list(tensors)
-        self.sizes = [t.numel() for t in self.tensors]
-        self.size = int(sum(self.sizes))
-        self.nbytes = 4 * self.size
-
-    def get(self) -> np.ndarray:
-        out = np.empty(self.size, dtype=np.float32)
-        target = torch.from_numpy(out)
-        offset = 0
-        with torch.no_grad():
-            for t, n in zip(self.tensors, self.sizes, strict=True):
-                target[offset : offset + n].copy_(t.detach().reshape(-1))
-                offset += n
-        return out
-
-    def set(self, flat: np.ndarray) -> None:
-        if flat.shape != (self.size,):
-            raise ValueError(f"flat state has shape {flat.shape}, the trainable tensors need ({self.size},)")
-        source = torch.from_numpy(np.asarray(flat, dtype=np.float32))
-        offset = 0
-        with torch.no_grad():
-            for t, n in zip(self.tensors, self.sizes, strict=True):
-                t.copy_(source[offset : offset + n].view_as(t))
-                offset += n
 
 
 # -- adapters ----------------------------------------------------------------------------------------------
@@ -258,7 +227,6 @@ __all__ = [
     "Adapter",
     "DeepPrompt",
     "PeftSetup",
-    "TensorVector",
     "add_adapters",
     "add_prompts",
     "classifier",

@@ -30,11 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from emulator import seeding
-from emulator.algorithms.base import STOP, Algorithm, ClientResult, ClientTask, WorkEstimate
+from emulator.algorithms.base import STOP, Algorithm, ClientResult, ClientTask, WorkEstimate, local_sgd
 from emulator.algorithms.profl_blocks import PrefixNet, StepNet, output_module, output_width, split_model
 from emulator.algorithms.profl_metric import FreezeRule
 from emulator.algorithms.registry import register_algorithm
@@ -431,31 +430,16 @@ class ProFL(Algorithm):
     def client_update(
         self, *, global_params: np.ndarray, task: ClientTask, info: Any = None, budget_bytes: int = 0
     ) -> ClientResult:
-        train = self.cfg.train
         self._receive(global_params, info)
         step = (info.stage, info.block)
         net = self.net(step)
         self._load(step)
         net.train()
-        torch.manual_seed(task.torch_seed)  # dropout, drop-path: keyed by (round, client)
         trainable = [p for p in net.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(trainable, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
-        steps = 0
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for _ in range(train.local_epochs):
-            order = task.rng.permutation(task.indices)
-            for start in range(0, len(order), train.batch_size):
-                x, y = self.batches(order[start : start + train.batch_size])
-                loss = F.cross_entropy(net(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach()
-                steps += 1
+        steps, loss = local_sgd(net, trainable, task=task, batches=self.batches, train=self.cfg.train)
         params = np.concatenate([self._get(info.block), self._get(self._out_part(info.block))])
         return ClientResult(
-            params=params, weight=float(len(task.indices)), steps=steps,
-            train_loss=float(loss_sum) / max(steps, 1), status=STATUS_OK,
+            params=params, weight=float(len(task.indices)), steps=steps, train_loss=loss, status=STATUS_OK,
         )
 
 

@@ -21,12 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from emulator import seeding
-from emulator.algorithms.base import Algorithm, ClientResult, ClientTask, WorkEstimate
+from emulator.algorithms.base import Algorithm, ClientResult, ClientTask, WorkEstimate, local_sgd
 from emulator.algorithms.raffm_subnet import (
     SubnetSpec,
     Subnetwork,
@@ -355,32 +353,16 @@ class RaFFM(Algorithm):
     def client_update(
         self, *, global_params: np.ndarray, task: ClientTask, info: Any = None, budget_bytes: int = 0
     ) -> ClientResult:
-        train = self.cfg.train
         sub = self.subnetwork(self.client_spec(task, info, budget_bytes))
         sub.load(global_params)
         model = sub.module
         model.train()
-        torch.manual_seed(task.torch_seed)  # dropout, drop-path: keyed by (round, client), not by rank
-        opt = torch.optim.SGD(
-            model.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
-        )
-        steps = 0
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for _ in range(train.local_epochs):
-            order = task.rng.permutation(task.indices)
-            for start in range(0, len(order), train.batch_size):
-                x, y = self.batches(order[start : start + train.batch_size])
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach()
-                steps += 1
+        steps, loss = local_sgd(model, model.parameters(), task=task, batches=self.batches, train=self.cfg.train)
         return SubnetResult(
             params=sub.flat.get(),
             weight=float(len(task.indices)),
             steps=steps,
-            train_loss=float(loss_sum) / max(steps, 1),
+            train_loss=loss,
             status=STATUS_OK,
             index=sub.index,
         )
