@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,10 @@ def create_timm(
     if not isinstance(pretrained, str | os.PathLike):
         raise PoolError(f"model {model_name!r}: pretrained={pretrained!r} must be 'none', 'hub' or a weights file")
     if pretrained == "none":
-        model = _create(model_name, kwargs, pretrained=False)
+        # Seeded by the name (and the caller's RNG left alone): the same random pool on every build.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(model_name.encode()))
+            model = _create(model_name, kwargs, pretrained=False)
     elif pretrained == "hub":
         _check_hub_reachable(model_name)
         model = _create(model_name, kwargs, pretrained=True, what="pretrained='hub'")

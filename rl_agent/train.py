@@ -121,7 +121,8 @@ def train_ppo(
         ) from None
 
     steps = max(1, round(episodes * env.num_steps / len(env.episodes)))
-    n_steps = int(min(256, max(16, steps)))
+    n_steps = int(min(256, max(16, steps))) // 16 * 16
+    batch = next(b for b in (64, 32, 16) if n_steps % b == 0)  # whole mini-batches only
     bar = Progress(steps, "step", mode=progress)
 
     class _Bar(BaseCallback):
@@ -129,7 +130,7 @@ def train_ppo(
             bar.update(1)
             return True
 
-    model = PPO("MultiInputPolicy", env, seed=seed, n_steps=n_steps, batch_size=min(64, n_steps), n_epochs=10,
+    model = PPO("MultiInputPolicy", env, seed=seed, n_steps=n_steps, batch_size=batch, n_epochs=10,
                 policy_kwargs={"net_arch": [hidden, hidden]}, device="cpu", verbose=0)
     model.learn(total_timesteps=steps, callback=_Bar())
     bar.close()
