@@ -40,8 +40,11 @@ test-slurm: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q --runslow -m slow
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/overhead.py
+# Every benchmark, one after another (~25 min here; peers.py builds its two peer venvs once, ~6 GB each).
+# Each prints its table and writes JSON to benchmarks/results/; docs/performance.md has the figures.
+BENCHMARKS := overhead scaling clients peers stitch_step algorithms rl_weighting
+bench: $(STAMP) pool
+	set -e; for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py; done
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

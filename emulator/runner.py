@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import json
 import math
 import os
 import platform
 import sys
+import threading
 import time
 import traceback
 from importlib import metadata
@@ -40,6 +42,21 @@ from emulator.stopping import RoundAbandonedError, StopSignals
 from emulator.trace import TraceWriter
 from emulator.watchdog import Watchdog
 
+# torch imports these lazily on the first optimizer or FLOP counter (~1.5 s of CPU, inside round 0:
+# rank 0 while it counts FLOPs for the first plan, then every worker in its first client, one after
+# the other). Imported on a background thread from the start of run(), they load while the rank
+# reads its data; a main-thread import that comes first waits on the module lock.
+_LAZY_TORCH_MODULES = ("torch._dynamo",)
+
+
+def warm_up_imports() -> None:
+    """Import torch's lazily loaded modules on a daemon thread (once per process)."""
+    missing = [m for m in _LAZY_TORCH_MODULES if m not in sys.modules]
+    if missing and not any(t.name == "fedemu-warm-up" for t in threading.enumerate()):
+        threading.Thread(target=lambda: [importlib.import_module(m) for m in missing],
+                         name="fedemu-warm-up", daemon=True).start()
+
+
 PACKAGES = ("fedemu", "torch", "torchvision", "timm", "numpy", "h5py", "mpi4py", "gymnasium")
 
 
@@ -50,12 +67,21 @@ def trace_path(cfg: Config) -> Path:
     return Path(cfg.output.dir) / f"{cfg.name}-{stamp}.h5"
 
 
+def node_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def threads_per_rank(cfg: Config, comm: Comm) -> int:
     """Split the node's cores between its ranks unless the config says otherwise."""
     if cfg.runtime.threads:
         return cfg.runtime.threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, comm.node_size))
+    return max(1, node_cores() // max(1, comm.node_size))
+
+
+def evaluation_threads(cfg: Config, threads: int) -> int:
+    """Rank 0's torch threads while it evaluates: the node's cores (its workers sleep in the next
+    broadcast meanwhile), unless ``runtime.threads`` fixes every rank's count."""
+    return cfg.runtime.threads or max(threads, node_cores())
 
 
 def load_data(cfg: Config) -> ArrayDataset:
@@ -103,6 +129,7 @@ def trace_attrs(cfg: Config, comm: Comm, threads: int) -> dict[str, str | int | 
         "ranks": comm.size,
         "workers": len(worker_ranks(comm.size)),
         "threads_per_rank": threads,
+        "eval_threads": evaluation_threads(cfg, threads),
         "hosts": json.dumps(comm.hosts()),
         "seed": cfg.seed,
         "command": " ".join(sys.argv),
@@ -142,6 +169,7 @@ def run(
     fresh start when there is none yet).
     """
     started = time.perf_counter()
+    warm_up_imports()
     threads = threads_per_rank(cfg, comm)
     torch.set_num_threads(threads)
     # Cheap checks on every rank first: bad input is a clean error, not a hang.
@@ -207,6 +235,7 @@ def run(
             test_batches=BatchMaker(data.x_test, data.y_test, data.mean, data.std, device=device),
             client_sizes=shards.sizes, planner=DevicePlanner(cfg=cfg, catalogue=catalogue, population=population),
             trace=trace, progress=RoundProgress(cfg.rounds, cfg.runtime.progress),
+            eval_threads=evaluation_threads(cfg, threads),
         )
         if saved is not None:
             server.restore(saved)

@@ -115,3 +115,21 @@ def test_peers_process_tree_memory_counts_children() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_rl_weighting_quick_compares_the_three_arms(tmp_path: Path) -> None:
+    res = run_script("rl_weighting.py", tmp_path / "rl.json", "--quick", "--runs-dir", str(tmp_path / "runs"))
+    assert res["test_seeds"] == [0, 1] and len(res["train_seeds"]) == 2
+    assert [row["seed"] for row in res["per_seed"]] == [0, 1]
+    for row in res["per_seed"]:
+        for arm in ("data", "rl-offline", "rl-online"):
+            fig = row[arm]
+            assert 0.0 <= fig["final_accuracy"] <= 1.0
+            assert fig["decisions"] == len(fig["blocks"]) == 2  # --quick: stitch.depth = 2
+            assert -1 <= fig["diverges_at"] < 2
+        assert row["data"]["diverges_at"] == -1
+        if row["rl-offline"]["diverges_at"] == -1:  # same blocks, same clients: the same model
+            assert row["rl-offline"]["final_accuracy"] == row["data"]["final_accuracy"]
+    assert res["replay_held_out"]["steps"] == sum(row["data"]["decisions"] for row in res["per_seed"])
+    diff = res["vs_data"]["rl-offline"]
+    assert diff["wins"] + diff["ties"] + diff["losses"] == 2

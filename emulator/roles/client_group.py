@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
-import sys
-import threading
 import time
 
 import numpy as np
@@ -18,20 +15,6 @@ from emulator.devices.memory import CudaMemoryCap
 from emulator.devices.nvml import Meter
 from emulator.records import CLIENT_ROUND_DTYPE, STATUS_OK, STATUS_OOM
 from emulator.roles.plan import RoundPlan
-
-# torch imports these lazily on the first optimizer or FLOP counter (~1.5 s of CPU): a worker
-# would pay that inside round 0, after rank 0 (which pays it while planning round 0) hands out
-# the plan. Importing them in the background while the worker waits for that plan takes them off
-# round 0's critical path; the main thread's own import waits on the module lock if it is not done.
-_LAZY_TORCH_MODULES = ("torch._dynamo",)
-
-
-def warm_up_imports() -> None:
-    """Import torch's lazily loaded modules on a daemon thread (once per process)."""
-    missing = [m for m in _LAZY_TORCH_MODULES if m not in sys.modules]
-    if missing and not any(t.name == "fedemu-warm-up" for t in threading.enumerate()):
-        threading.Thread(target=lambda: [importlib.import_module(m) for m in missing],
-                         name="fedemu-warm-up", daemon=True).start()
 
 
 class ClientGroup:
@@ -49,8 +32,6 @@ class ClientGroup:
         # both. Kept across rounds (reallocated only when the algorithm's size changes).
         self.accumulator = np.zeros(0, dtype=np.float64)
         self._scratch = np.zeros(0, dtype=np.float64)
-        warm_up_imports()
-
 
     def buffer(self, size: int) -> np.ndarray:
         """The rank's zeroed accumulator of ``size`` float64 (also what a rank with no clients sends)."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from emulator import checkpoint
@@ -60,6 +63,19 @@ class _Pending:
     accounting_s: float
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Raise torch's intra-op threads to ``n`` inside the block (never lower them), then restore."""
+    before = torch.get_num_threads()
+    if n > before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n > before:
+            torch.set_num_threads(before)
+
+
 class Server:
     def __init__(
         self,
@@ -73,8 +89,10 @@ class Server:
         planner: DevicePlanner,
         trace: TraceWriter,
         progress: RoundProgress,
+        eval_threads: int = 0,
     ) -> None:
         self.cfg = cfg
+        self.eval_threads = eval_threads  # torch threads while evaluating (0: the rank's own)
         self.size = size
         self.algorithm = algorithm
         self.model = model
@@ -212,9 +230,10 @@ class Server:
         r = plan.round
         acc = loss = math.nan
         if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds or self.algorithm.wants_evaluation():
-            acc, loss = self.algorithm.evaluate(
-                test_batches=self.test_batches, batch_size=cfg.runtime.eval_batch_size
-            )
+            with torch_threads(self.eval_threads):
+                acc, loss = self.algorithm.evaluate(
+                    test_batches=self.test_batches, batch_size=cfg.runtime.eval_batch_size
+                )
 
         costs = pending.costs
         self.emulated_time_s += costs.round_time_s
