@@ -155,8 +155,10 @@ def _split_worker(args: list[str], conn: mp.connection.Connection) -> None:
         conn.send(_weighted_sum(bare, state, r, clients))
 
 
-def bare_split(args: list[str], workers: int) -> tuple[float, list[float], list[float]]:
+def bare_split(args: list[str], workers: int, *, evaluate: bool = True) -> tuple[float, list[float], list[float]]:
     """The bare loop split over ``workers`` processes; the parent plans, averages and evaluates.
+
+    ``evaluate=False``: no evaluation (accuracies NaN): the client work alone, for scaling's ceiling.
 
     The parent waits in blocking pipe reads (no spinning), clients are split by the same
     longest-processing-time rule on sample counts that fedemu uses. Returns (wall, accuracies,
@@ -190,7 +192,7 @@ def bare_split(args: list[str], workers: int) -> tuple[float, list[float], list[
             total = part if total is None else {k: total[k] + part[k] for k in total}
             weight += n
         state = _average(total, weight, state)
-        accs.append(bare.accuracy(state))
+        accs.append(bare.accuracy(state) if evaluate else float("nan"))
         round_s.append(time.perf_counter() - t0)
     wall = time.perf_counter() - start
     for p in pipes:

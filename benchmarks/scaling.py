@@ -12,6 +12,8 @@ does not depend on how noisy the machine is the way the ratios do. Runs alternat
 counts (1 2 3 5 1 2 3 5 ...) and the best of each is kept.
 
 Target (issue 9): 3 ranks (2 workers) >= 1.8x the rounds/s of 2 ranks (1 worker) on 2 cores.
+The machine's own ceiling is measured beside it: the bare loop's client work (no evaluation, one
+thread per process) in one worker process vs split over two, rounds 1.. (``--no-ceiling`` skips it).
 
     .venv/bin/python benchmarks/scaling.py                       # 1,2,3,5 ranks, 8 rounds, 2 alternations
     .venv/bin/python benchmarks/scaling.py --eval-every 8        # evaluate only at the end
@@ -36,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import ROOT, fedemu_mpi, overrides
+from overhead import ROOT, bare_split, fedemu_mpi, overrides
 
 
 def round_split(res: dict) -> dict[str, float]:
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=1,
                         help="evaluate every N rounds (rank 0's serial share of a round; 1 = the workload's)")
     parser.add_argument("--launcher", default="", help="MPI launcher (default: the venv's mpiexec)")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the bare 1-vs-2-process ceiling")
     parser.add_argument("--quick", action="store_true", help="1 and 2 ranks, 3 rounds, 1 repeat")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/scaling.json")
     args = parser.parse_args()
@@ -66,6 +69,7 @@ def main() -> None:
     if not counts or min(counts) < 1:
         parser.error("--ranks: positive integers, e.g. 1,2,3,5")
     runs: dict[int, list[dict]] = {n: [] for n in counts}
+    ceiling: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
             for n in counts:
@@ -77,6 +81,14 @@ def main() -> None:
                 runs[n].append(res)
                 print(f"  run {rep + 1}/{args.repeats} {n} ranks: {res['rounds_per_s']:.3f} rounds/s, "
                       f"wall {res['wall_s']:.2f} s", flush=True)
+            if not args.no_ceiling:
+                bare_args = overrides(args.rounds, Path(tmp) / "bare.h5", threads=1)
+                for workers in (1, 2):
+                    _, _, round_s = bare_split(bare_args, workers, evaluate=False)
+                    steady = round_s[1:] or round_s
+                    ceiling[workers].append(len(steady) / sum(steady))
+                print(f"  run {rep + 1}/{args.repeats} bare client work: {ceiling[1][-1]:.3f} rounds/s in 1 "
+                      f"process, {ceiling[2][-1]:.3f} split over 2", flush=True)
     table = {}
     for n, rs in runs.items():
         best = max(rs, key=lambda r: r["rounds_per_s"])
@@ -104,6 +116,12 @@ def main() -> None:
         ratio = table["3"]["rounds_per_s"] / table["2"]["rounds_per_s"]
         result["three_vs_two"] = {"ratio": ratio, "target": 1.8}
         print(f"3 ranks / 2 ranks: {ratio:.2f}x  (target >= 1.8)")
+    if ceiling[1]:
+        one, two = max(ceiling[1]), max(ceiling[2])
+        result["bare_ceiling"] = {"one_process_rounds_per_s": one, "two_processes_rounds_per_s": two,
+                                  "ratio": two / one}
+        print(f"the machine's ceiling: the bare client work split over 2 processes runs {two / one:.2f}x "
+              f"its 1-process rate ({two:.3f} vs {one:.3f} rounds/s, no evaluation)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -251,14 +251,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.ranks and args.ranks != comm.size:
         raise UserError(f"--ranks = {args.ranks} but the launcher started {comm.size} ranks")
     summary = run(cfg, comm, weighting=rl_commands.weighting_for(cfg, comm.rank), resume=resume)
+    code = 0
     if summary is not None:
         print(format_summary(cfg, summary), flush=True)
         if summary.stopped_by:
             done = len(summary.rounds)
             print(f"fedemu: stopped by {summary.stopped_by} after {done} of {cfg.rounds} rounds (checkpointed); "
                   f"continue with: fedemu run --resume {summary.trace_path}", file=sys.stderr, flush=True)
-            return EXIT_INTERRUPTED
-    return 0
+            code = EXIT_INTERRUPTED
+    # Every rank ends MPI here, together (MPICH's finalize waits for all): rank 0 may then exit 75
+    # without `python -m mpi4py` turning that into MPI_Abort, and a launcher that kills the step
+    # on a non-zero exit (srun --kill-on-bad-exit) finds the other ranks already done with MPI.
+    comm.finalize()
+    return code
 
 
 def find_mpiexec() -> str:

@@ -60,6 +60,7 @@ class Comm(Protocol):
     def library(self) -> str: ...
     def report_failure(self, message: str) -> None: ...
     def abort(self, code: int) -> None: ...
+    def finalize(self) -> None: ...
 
 
 def launched_under_mpi() -> bool:
@@ -117,6 +118,9 @@ class SingleComm:
     def abort(self, code: int) -> None:
         sys.stderr.flush()
         os._exit(code)
+
+    def finalize(self) -> None:
+        return None
 
 
 def _bytes_view(a: np.ndarray) -> np.ndarray:
@@ -178,6 +182,15 @@ class MPIComm:
     def abort(self, code: int) -> None:
         sys.stderr.flush()
         self._comm.Abort(code)
+
+    def finalize(self) -> None:
+        """End MPI on this rank now. A rank that then exits non-zero (``python -m mpi4py`` would
+        otherwise turn that into ``MPI_Abort``) ends cleanly: the launcher kills no other rank, and
+        MPICH removes its shared-memory segment instead of leaving it for the next step."""
+        from mpi4py import MPI
+
+        if not MPI.Is_finalized():
+            MPI.Finalize()
 
     # -- pickled control messages --------------------------------------------------
     def bcast(self, obj: Any, root: int = 0) -> Any:

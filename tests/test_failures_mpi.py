@@ -125,6 +125,9 @@ def test_sigusr1_finishes_the_round_checkpoints_and_exits_75(
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
     assert "fedemu: SIGUSR1: finishing this round, checkpointing, then stopping" in err
+    # An orderly stop: every rank finalizes, nothing calls MPI_Abort (which kills the other ranks
+    # mid-exit and leaves MPICH's shared-memory segment behind for the next step).
+    assert "MPI_Abort" not in err, err[-3000:]
     assert f"continue with: fedemu run --resume {trace}" in err
     done = _rounds(trace)
     saved = checkpoint.latest(checkpoint.checkpoint_dir(trace))

