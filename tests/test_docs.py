@@ -12,7 +12,8 @@ from tests.conftest import REPO
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 # `benchmarks/x.py`, `examples/a.toml`, `docs/b.md`, `slurm/c.sh` ... named in backticks.
-PATH = re.compile(r"`((?:benchmarks|examples|docs|slurm|emulator|rl_agent|pools|analysis|tests)/[\w./-]+\.(?:py|toml|md|sh))`")
+FOLDERS = "benchmarks|examples|docs|slurm|emulator|rl_agent|pools|analysis|tests"
+PATH = re.compile(rf"`((?:{FOLDERS})/[\w./-]+\.(?:py|toml|md|sh))`")
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
