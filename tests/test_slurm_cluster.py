@@ -176,7 +176,7 @@ def test_time_limit_signal_requeues_and_resumes(cluster: None, tmp_path: Path, l
     assert "fedemu: SIGUSR1 (time limit near): stopping the step" in text
     assert "fedemu: SIGUSR1: finishing this round, checkpointing, then stopping" in text
     assert f"requeueing {job_id}" in text and "step ended with status 75; requeueing" in text
-    assert "MPI_Abort" not in text
+    assert "MPI_Abort" not in text and "srun: Warning" not in text
     assert f"fedemu: job {job_id}, run long, restart 1" in text
     assert f"--set output.trace={run_dir}/trace.h5 --resume {run_dir}\n" in text
     with h5py.File(run_dir / "trace.h5", "r") as f:
