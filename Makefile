@@ -52,7 +52,7 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info runs .pytest_cache
 
-# The quickstart's pretrained block pool (3 tiny timm models, ~1 MB, ~75 s here), built once and cached.
+# The quickstart's pretrained block pool (3 tiny timm models, ~1 MB, 1-2 min here), built once and cached.
 POOL := data/pools/quickstart
 pool: $(POOL)/manifest.json
 $(POOL)/manifest.json: | $(STAMP)
