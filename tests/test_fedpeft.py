@@ -6,6 +6,7 @@ import copy
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -364,7 +365,9 @@ def roundtrip(arrays: dict[str, np.ndarray], meta: dict) -> tuple[dict[str, np.n
 
 
 @pytest.mark.parametrize("variant", ["adapter", "full"])
-def test_resume_from_state_dict_continues_exactly(tmp_path: Path, variant: str) -> None:
+def test_resume_from_state_dict_continues_exactly(
+    tmp_path: Path, variant: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     pytest.importorskip("opacus")
     cfg = small_cfg(tmp_path, f"fedpeft.variant={variant}", "fedpeft.dp=true", "rounds=4")
     whole, shards, _ = build(cfg)
@@ -380,6 +383,15 @@ def test_resume_from_state_dict_continues_exactly(tmp_path: Path, variant: str) 
     assert fresh.noise_multiplier(n) > first.noise_multiplier(n)  # more rounds, more noise ...
     fresh.load_state_dict(*saved)
     assert fresh.noise_multiplier(n) == first.noise_multiplier(n)  # ... unless resumed
+    # ... and then it says that epsilon no longer holds, on stderr and in the trace's events.
+    assert "spend more than epsilon = 5" in capsys.readouterr().err
+    events: list[tuple[str, str, str]] = []
+    fresh.attach_trace(SimpleNamespace(event=lambda kind, msg, level: events.append((kind, level, msg))))
+    assert events and events[0][:2] == ("dp", "warning") and "calibrated for" in events[0][2]
+    fresh.trace = None  # the rounds below write no trace
+    same, _, _ = build(cfg)  # resuming with the rounds the noise was set for: no warning
+    same.load_state_dict(*saved)
+    assert same.dp_warning == "" and "epsilon" not in capsys.readouterr().err
     tail = drive_rounds(fresh, cfg, shards, range(2, 4))
     for got, want in zip(tail, reference[2:], strict=True):
         np.testing.assert_array_equal(got, want)

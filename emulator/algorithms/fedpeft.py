@@ -10,6 +10,7 @@ docs/algorithms-fedpeft-raffm.md lists every inferred choice and what ``faithful
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -81,6 +82,7 @@ class FedPEFT(Algorithm):
         self.state = TensorVector(tensors)
         self.global_params = self.state.get()
         self._participations = max(1, math.ceil(cfg.rounds * cfg.clients_per_round / cfg.data.partition.num_clients))
+        self.dp_warning = ""  # set when a resumed run plans more participations than its noise covers
 
     # ---- sizes ------------------------------------------------------------------------------------------
     def payload_bytes(self) -> int:
@@ -161,7 +163,21 @@ class FedPEFT(Algorithm):
                 "config the run was started with"
             )
         self.global_params = np.ascontiguousarray(arrays["trainable"], dtype=np.float32).copy()
-        self._participations = int(meta["dp_participations"])
+        planned, self._participations = self._participations, int(meta["dp_participations"])
+        p = self.cfg.fedpeft
+        if p.dp and not p.faithful_to_code and planned > self._participations:
+            # More rounds than the noise was calibrated for: say so, in the trace and on stderr.
+            self.dp_warning = (
+                f"fedpeft.dp: rounds = {self.cfg.rounds} plans {planned} participations per client, but the "
+                f"resumed run keeps the noise calibrated for {self._participations}: clients that take part "
+                f"more often spend more than epsilon = {p.epsilon:g}; start a new run for the guarantee"
+            )
+            print(f"fedemu: warning: {self.dp_warning}", file=sys.stderr, flush=True)
+
+    def attach_trace(self, trace: Any) -> None:
+        super().attach_trace(trace)
+        if self.dp_warning:
+            trace.event("dp", self.dp_warning, level="warning")
 
     # ---- every rank -------------------------------------------------------------------------------------
     def client_update(
