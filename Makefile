@@ -40,7 +40,7 @@ test-slurm: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q --runslow -m slow
 
-# Every benchmark, one after another (~25 min here; peers.py builds its two peer venvs once, ~6 GB each).
+# Every benchmark, one after another (roughly half an hour here; peers.py first builds its two peer venvs, ~6 GB each).
 # Each prints its table and writes JSON to benchmarks/results/; docs/performance.md has the figures.
 BENCHMARKS := overhead scaling clients peers stitch_step algorithms rl_weighting
 bench: $(STAMP) pool
