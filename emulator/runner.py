@@ -119,7 +119,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def trace_attrs(cfg: Config, comm: Comm, threads: int) -> dict[str, str | int | float | bool]:
+def trace_attrs(cfg: Config, comm: Comm, threads: int, eval_threads: int) -> dict[str, str | int | float | bool]:
     versions = _versions()
     return {
         "config": to_toml(cfg),
@@ -129,7 +129,7 @@ def trace_attrs(cfg: Config, comm: Comm, threads: int) -> dict[str, str | int | 
         "ranks": comm.size,
         "workers": len(worker_ranks(comm.size)),
         "threads_per_rank": threads,
-        "eval_threads": evaluation_threads(cfg, threads),
+        "eval_threads": eval_threads,
         "hosts": json.dumps(comm.hosts()),
         "seed": cfg.seed,
         "command": " ".join(sys.argv),
@@ -197,7 +197,8 @@ def run(
             rank=comm.rank, seed=cfg.seed, algorithm=algorithm, shards=shards, meter=meter, device=device
         )
     # Collectives: every rank calls them.
-    attrs = trace_attrs(cfg, comm, threads)
+    eval_threads = evaluation_threads(cfg, threads)
+    attrs = trace_attrs(cfg, comm, threads, eval_threads)
     gpus = comm.gather(gpu_identity(str(device)))
     meters = comm.gather(meter.kind)
     sampling = comm.bcast(any(kind != "none" for kind in meters) if is_server else None)
@@ -235,7 +236,7 @@ def run(
             test_batches=BatchMaker(data.x_test, data.y_test, data.mean, data.std, device=device),
             client_sizes=shards.sizes, planner=DevicePlanner(cfg=cfg, catalogue=catalogue, population=population),
             trace=trace, progress=RoundProgress(cfg.rounds, cfg.runtime.progress),
-            eval_threads=evaluation_threads(cfg, threads),
+            eval_threads=eval_threads,
         )
         if saved is not None:
             server.restore(saved)

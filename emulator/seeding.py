@@ -32,16 +32,3 @@ def torch_seed(root_seed: int, stream: int, round_: int = 0, client: int = NO_CL
     """A 63-bit seed for ``torch.manual_seed`` from the same keyed sequence."""
     return int(seed_sequence(root_seed, stream, round_, client).generate_state(1, np.uint64)[0] >> 1)
 
-
-def seed_torch(seed: int) -> None:
-    """``torch.manual_seed`` for the per-client hot path: the CPU generator, and CUDA's once in use.
-
-    ``torch.manual_seed`` also queues lazy seeds for CUDA, MPS and XPU when they are not
-    initialised, recording a Python stack for each (~0.09 ms a call here, one call per client).
-    A CUDA run initialises CUDA when it moves the model, before any client is seeded.
-    """
-    import torch
-
-    torch.default_generator.manual_seed(seed)
-    if torch.cuda.is_initialized():
-        torch.cuda.manual_seed_all(seed)

@@ -232,7 +232,7 @@ class ReinforcePolicy:
 
         Arrays: the network, Adam's moments and step counts, the exploration generator's state, the
         undecided ``_pending`` decision and the episode's decisions (credited by the final reward).
-        JSON: the baselines, the update count, the hyper-parameters (checked on load).
+        JSON: :meth:`metadata` (the baselines, the update count, the hyper-parameters, checked on load).
         """
         arrays = {f"net/{k}": v.detach().numpy().copy() for k, v in self.net.state_dict().items()}
         opt = self._opt.state_dict()
@@ -246,10 +246,7 @@ class ReinforcePolicy:
                 arrays[f"{key}/feats"] = torch.stack([d.feats for d in decisions]).numpy().copy()
                 arrays[f"{key}/logits"] = torch.stack([d.logits for d in decisions]).numpy().copy()
                 arrays[f"{key}/mask"] = torch.stack([d.mask for d in decisions]).numpy().astype(np.uint8)
-        meta = {"hidden": self.hidden, "sigma": self.sigma, "lr": self.lr,
-                "baseline_momentum": self.baseline_momentum, "seed": self.seed, "updates": self.updates,
-                "baselines": {k: [b.mean, b.var, b.count] for k, b in self.baselines.items()}}
-        return arrays, meta
+        return arrays, self.metadata()
 
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the hyper-parameters must match this policy's (same config)."""
@@ -282,8 +279,14 @@ class ReinforcePolicy:
         self._pending = pending[0] if pending else None
         self._episode = decisions("episode")
         self.seed = int(meta["seed"])
-        self.updates = int(meta["updates"])
-        self.baselines = {k: _Baseline(float(m), float(v), int(c)) for k, (m, v, c) in meta["baselines"].items()}
+        self._restore_counters(meta)
+
+    def _restore_counters(self, meta: dict[str, Any]) -> None:
+        """The update count and the reward baselines, from a policy file's or a checkpoint's metadata."""
+        for key, (mean, var, count) in dict(meta.get("baselines", {})).items():
+            if key in self.baselines:
+                self.baselines[key] = _Baseline(float(mean), float(var), int(count))
+        self.updates = int(meta.get("updates", 0))
 
     def _update(self, decisions: list[_Decision], advantage: float) -> None:
         loss = torch.zeros(())
@@ -359,11 +362,7 @@ class ReinforcePolicy:
                 baseline_momentum=float(rl.baseline_momentum if rl else meta["baseline_momentum"]),
                 seed=int(meta.get("seed", 0) if seed is None else seed),
             )
-            for key, values in dict(meta.get("baselines", {})).items():
-                if key in policy.baselines:
-                    mean, var, count = values
-                    policy.baselines[key] = _Baseline(float(mean), float(var), int(count))
-            policy.updates = int(meta.get("updates", 0))
+            policy._restore_counters(meta)
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"policy file {path}: bad metadata ({type(err).__name__}: {err})") from None
         try:

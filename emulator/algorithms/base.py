@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emulator import seeding
 from emulator.batches import BatchMaker
 from emulator.config import Config
 from emulator.devices.flops import FlopCache
@@ -35,7 +34,7 @@ def local_sgd(
     Batches follow the client's own permutation (``task.rng``) and dropout its own seed, so the
     result does not depend on the rank that runs it.
     """
-    seeding.seed_torch(task.torch_seed)  # dropout, drop-path: keyed by (round, client)
+    torch.manual_seed(task.torch_seed)  # dropout, drop-path: keyed by (round, client)
     opt = torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
     steps = 0
     loss_sum = torch.zeros((), dtype=torch.float64)

@@ -188,7 +188,7 @@ class FedPEFT(Algorithm):
         self.model.train()
         if self.setup.variant in PEFT_VARIANTS:
             freeze_statistics(self.model)
-        seeding.seed_torch(task.torch_seed)  # dropout, prompt dropout, DP noise: keyed by (round, client)
+        torch.manual_seed(task.torch_seed)  # dropout, prompt dropout, DP noise: keyed by (round, client)
         params = self.setup.params
         opt = torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
         sigma = self.noise_multiplier(len(task.indices))
